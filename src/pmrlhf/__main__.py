@@ -1,0 +1,5 @@
+import sys
+
+from pmrlhf.cli import main
+
+sys.exit(main())
