@@ -71,6 +71,8 @@ def _convert(name: str, tp: Any, value: Any) -> Any:
             ]
         if base is bool:
             return value if isinstance(value, bool) else _parse_bool(str(value))
+        if base in (int, float) and isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
         if base is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(f"expected an integer, got {value}")
@@ -80,7 +82,9 @@ def _convert(name: str, tp: Any, value: Any) -> Any:
         if base is str:
             return str(value)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"config field {name!r}: {err}") from None
+        prefix = f"config field {name!r}: "
+        message = str(err)  # list items arrive already prefixed
+        raise ValueError(message if message.startswith(prefix) else prefix + message) from None
     return value
 
 
@@ -123,7 +127,8 @@ def add_config_arguments(
             dest=f"cfg__{field.name}",
             default=argparse.SUPPRESS,
             metavar=metavar,
-            help=f"{field.metadata.get('help', '')} (default: {default})",
+            # argparse %-formats help strings, so a literal % must be escaped.
+            help=f"{field.metadata.get('help', '')} (default: {default})".replace("%", "%%"),
         )
 
 

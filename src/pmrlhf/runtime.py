@@ -61,23 +61,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-@contextmanager
-def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``final`` in one rename.
-
-    A crash mid-write leaves the previous checkpoint untouched (plus a stray ``.tmp`` folder).
-    """
+def fresh_temp_directory(final: str | os.PathLike) -> Path:
+    """An empty ``<final>.tmp`` sibling folder to write a checkpoint into."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(final.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return tmp
+
+
+def commit_directory(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Move a fully written ``tmp`` folder to ``final`` by renames, replacing what was there.
+
+    A crash before this point leaves the previous ``final`` untouched.
+    """
+    tmp, final = Path(tmp), Path(final)
     old = final.with_name(final.name + ".old")
     if final.exists():
         if old.exists():
@@ -86,6 +86,18 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     tmp.rename(final)
     if old.exists():
         shutil.rmtree(old)
+
+
+@contextmanager
+def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``final`` (write, then rename)."""
+    tmp = fresh_temp_directory(final)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit_directory(tmp, final)
 
 
 class JsonlLogger:

@@ -151,13 +151,15 @@ def _entropy_term(probs: Tensor) -> Tensor:
 
 
 def pm_objective(probs: Tensor, reward: Tensor, beta: float = 1.0) -> Tensor:
-    """``J_PM(π) = Σ_y π_y (r_y − β log π_y)``."""
-    return (probs * reward).sum(-1) - beta * _entropy_term(probs)
+    """``J_PM(π) = Σ_y π_y (r_y − β log π_y)``; responses with π_y = 0 contribute 0."""
+    expected_reward = torch.where(probs > 0, probs * reward, 0.0).sum(-1)
+    return expected_reward - beta * _entropy_term(probs)
 
 
 def kl_objective(probs: Tensor, reward: Tensor, ref_probs: Tensor, beta: float) -> Tensor:
-    """``J_KL(π) = Σ_y π_y (r_y − β log(π_y / π_ref,y))``."""
-    return pm_objective(probs, reward, beta) + beta * (probs * torch.log(ref_probs)).sum(-1)
+    """``J_KL(π) = Σ_y π_y (r_y − β log(π_y / π_ref,y))``; responses with π_y = 0 contribute 0."""
+    log_ref = torch.where(probs > 0, probs * torch.log(ref_probs), 0.0).sum(-1)
+    return pm_objective(probs, reward, beta) + beta * log_ref
 
 
 def cpm_effective_objective(

@@ -1,0 +1,1 @@
+"""The RL engine: rollout → regulariser → advantages → losses, strung together by the trainer."""

@@ -1,0 +1,192 @@
+"""Rollout: sample responses, then score token log-probabilities with one forward pass.
+
+Sequences are laid out as ``[left-padded prompt | right-padded response]``. Position ids are
+derived from the attention mask in both generation and scoring, so a token's log-probability at
+scoring time is the one it was sampled with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses. ``sequences`` = prompt ids followed by response ids."""
+
+    sequences: Tensor  # (B, P + T)
+    attention_mask: Tensor  # (B, P + T)
+    response_mask: Tensor  # (B, T): response tokens up to and including the first EOS
+    prompt_length: int  # P
+    prompts: list[str]
+    responses: list[str]
+
+    @property
+    def response_ids(self) -> Tensor:
+        return self.sequences[:, self.prompt_length :]
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def response_mask_from_ids(response_ids: Tensor, eos_token_ids: list[int]) -> Tensor:
+    """1 for tokens up to and including the first EOS, 0 after it."""
+    is_eos = torch.zeros_like(response_ids, dtype=torch.bool)
+    for eos in eos_token_ids:
+        is_eos |= response_ids == eos
+    # number of EOS strictly before each position
+    eos_before = torch.cumsum(is_eos.long(), dim=-1) - is_eos.long()
+    return (eos_before == 0).long()
+
+
+def _eos_ids(tokenizer, model) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    ids = ids if isinstance(ids, list) else [ids]
+    return [int(i) for i in ids if i is not None]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_new_tokens: int = 0,
+    stop_at_eos: bool = True,
+    cache_implementation: str | None = None,
+    allowed_token_ids: list[int] | None = None,
+) -> Rollout:
+    """Sample one response per prompt with HF ``generate`` (plain ancestral sampling by default).
+
+    ``allowed_token_ids`` restricts sampling to a fixed token set; pass the same list to
+    :func:`token_logprobs` so that scoring uses the same renormalised distribution.
+    """
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True).to(
+        device
+    )
+    eos_ids = _eos_ids(tokenizer, model)
+    config = GenerationConfig(
+        do_sample=True,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_ids if stop_at_eos else None,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    if cache_implementation:
+        config.cache_implementation = cache_implementation
+    extra = {}
+    if allowed_token_ids is not None:
+        extra["logits_processor"] = [_AllowedTokens(allowed_token_ids)]
+    sequences = model.generate(**encoded, generation_config=config, **extra)
+    prompt_length = encoded.input_ids.shape[1]
+    response_ids = sequences[:, prompt_length:]
+    response_mask = (
+        response_mask_from_ids(response_ids, eos_ids)
+        if stop_at_eos
+        else torch.ones_like(response_ids)
+    )
+    # tokens after EOS are padding: make them the pad id so they never leak into text
+    response_ids = torch.where(response_mask.bool(), response_ids, tokenizer.pad_token_id)
+    sequences = torch.cat([encoded.input_ids, response_ids], dim=1)
+    attention_mask = torch.cat([encoded.attention_mask, response_mask], dim=1)
+    responses = tokenizer.batch_decode(response_ids, skip_special_tokens=True)
+    return Rollout(
+        sequences, attention_mask, response_mask, prompt_length, list(prompts), responses
+    )
+
+
+class _AllowedTokens:
+    """Logits processor that keeps only a fixed token set."""
+
+    def __init__(self, token_ids: list[int]):
+        self.token_ids = torch.tensor(token_ids)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        return restrict_logits(scores, self.token_ids.to(scores.device))
+
+
+def restrict_logits(logits: Tensor, allowed: Tensor) -> Tensor:
+    keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+    keep[allowed] = True
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def token_logprobs(
+    model,
+    sequences: Tensor,
+    attention_mask: Tensor,
+    prompt_length: int,
+    with_entropy: bool = False,
+    allowed_token_ids: list[int] | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probabilities of the response tokens under ``model`` (full softmax), shape (B, T).
+
+    Only the logits that predict response tokens are materialised in fp32, which keeps memory at
+    ``B × T × V`` rather than ``B × (P+T) × V``. Returns ``(logp, entropy or None)``.
+    """
+    outputs = model(
+        input_ids=sequences,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        logits_to_keep=sequences.shape[1] - prompt_length + 1,
+    )
+    logits = outputs.logits[:, :-1].float()
+    if allowed_token_ids is not None:
+        logits = restrict_logits(logits, torch.tensor(allowed_token_ids, device=logits.device))
+    targets = sequences[:, prompt_length:]
+    log_norm = torch.logsumexp(logits, dim=-1)
+    logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            probs = torch.softmax(logits, dim=-1)
+            entropy = log_norm - (probs * logits.masked_fill(probs == 0, 0.0)).sum(-1)
+    return logp, entropy
+
+
+class ValueModel(torch.nn.Module):
+    """Per-token values from a sequence-classification model's backbone and scalar head.
+
+    Wrapping the reward-model architecture lets the critic start from the reward model (as in
+    the paper) and save back as one. The value at response position t is read from the hidden
+    state that sees ``s_t = (x, y_<t)``, the position just before token ``y_t``.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.head = _value_head(model)
+
+    def forward(self, sequences: Tensor, attention_mask: Tensor, prompt_length: int) -> Tensor:
+        hidden = self.model.base_model(
+            input_ids=sequences,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        ).last_hidden_state
+        return self.head(hidden[:, prompt_length - 1 : -1]).squeeze(-1).float()
+
+
+def _value_head(model):
+    for name in ("score", "classifier", "v_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, torch.nn.Module):
+            return head
+    raise ValueError(f"{type(model).__name__} has no scalar head named score/classifier/v_head")

@@ -1,0 +1,257 @@
+"""The RL engine on tiny real Llama models: every algorithm × regulariser, resume, accelerate."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pmrlhf import models
+from pmrlhf.rl.config import PMSafetyWarning, RLConfig
+from pmrlhf.rl.rollout import generate, token_logprobs
+from pmrlhf.rl.trainer import RLTrainer
+from pmrlhf.runtime import read_jsonl
+
+SCRIPTS = Path(__file__).parent / "scripts"
+REWARD_SPEC = f"{SCRIPTS / 'reward_fns.py'}:likes_tea"
+PROMPTS = ["Which drink do you prefer ?", "Which season do you like best ?"]
+
+
+def make_config(policy: Path, out: Path, **overrides) -> RLConfig:
+    values = dict(
+        policy=str(policy),
+        reward=REWARD_SPEC,
+        steps=2,
+        prompts_per_step=2,
+        samples_per_prompt=2,
+        max_new_tokens=6,
+        lr=1e-2,
+        beta=0.1,
+        output_dir=str(out),
+        quiet=True,
+    )
+    values.update(overrides)
+    return RLConfig(**values)
+
+
+def flat_params(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
+
+
+@pytest.mark.parametrize("algo", ["ppo", "rloo", "grpo", "reinforce_pp"])
+@pytest.mark.parametrize("regularizer", ["kl", "pm", "cpm"])
+def test_every_algorithm_and_regularizer_trains(tiny_model_dir, tmp_path, algo, regularizer):
+    config = make_config(tiny_model_dir, tmp_path, algo=algo, regularizer=regularizer, alpha=0.2)
+    trainer = RLTrainer(config, prompts=PROMPTS)
+    before = flat_params(trainer.policy)
+    critic_before = flat_params(trainer.critic) if trainer.critic is not None else None
+    trainer.train()
+    after = flat_params(trainer.policy)
+    assert not torch.equal(before, after), "policy parameters did not change"
+    if critic_before is not None:
+        assert not torch.equal(critic_before, flat_params(trainer.critic)), "critic did not change"
+    log = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [row["step"] for row in log] == [1, 2]
+    for row in log:
+        assert math.isfinite(row["policy_loss"])
+        assert math.isfinite(row["reward_mean"]) and math.isfinite(row["penalty_mean"])
+        assert row["samples_per_second"] > 0 and row["response_length"] >= 1
+        assert ("kl_to_ref" in row) == (regularizer != "pm")
+        assert ("value_loss" in row) == (algo == "ppo")
+    assert (tmp_path / "policy" / "model.safetensors").is_file()
+    assert (tmp_path / "checkpoint" / "trainer_state.json").is_file()
+
+
+def test_pm_run_loads_no_reference_model(tiny_model_dir, tmp_path, monkeypatch):
+    loaded = []
+    real = models.load_causal_lm
+
+    def counting_load(*args, **kwargs):
+        loaded.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(models, "load_causal_lm", counting_load)
+    pm = RLTrainer(make_config(tiny_model_dir, tmp_path / "pm", regularizer="pm"), prompts=PROMPTS)
+    assert pm.ref is None and len(loaded) == 1  # the policy only
+    kl = RLTrainer(make_config(tiny_model_dir, tmp_path / "kl", regularizer="kl"), prompts=PROMPTS)
+    assert kl.ref is not None and len(loaded) == 3
+
+
+def test_batched_scoring_equals_unpadded_step_by_step(tiny_model_dir):
+    """Left padding and position ids do not change a token's log-probability."""
+    tokenizer = models.load_tokenizer(str(tiny_model_dir))
+    model = models.load_causal_lm(str(tiny_model_dir)).eval()
+    torch.manual_seed(0)
+    prompts = ["Which drink do you prefer ?", "tea"]  # different lengths: the second is padded
+    rollout = generate(model, tokenizer, prompts, max_new_tokens=5, stop_at_eos=False)
+    logp, entropy = token_logprobs(
+        model, rollout.sequences, rollout.attention_mask, rollout.prompt_length, with_entropy=True
+    )
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            response = rollout.response_ids[row]
+            for t in range(response.numel()):
+                prefix = torch.cat([ids[0], response[:t]]).unsqueeze(0)
+                expected = torch.log_softmax(model(prefix).logits[0, -1].float(), -1)[response[t]]
+                torch.testing.assert_close(logp[row, t], expected, atol=1e-5, rtol=0)
+    assert entropy is not None and (entropy > 0).all()
+
+
+def test_pm_safety_warnings():
+    config = RLConfig(
+        policy="x", reward="m:f", regularizer="pm", temperature=0.7, top_p=0.9, reward_clip=5.0
+    )
+    issues = config.pm_safety_issues()
+    assert any("temperature" in i for i in issues)
+    assert any("top_p" in i for i in issues)
+    assert any("reward_clip" in i for i in issues)
+    with pytest.warns(PMSafetyWarning):
+        config.warn_pm_safety()
+    assert (
+        RLConfig(policy="x", reward="m:f", regularizer="kl", temperature=0.7).pm_safety_issues()
+        == []
+    )
+    assert RLConfig(policy="x", reward="m:f", regularizer="pm").pm_safety_issues() == []
+
+
+def test_invalid_config_is_rejected(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        RLTrainer(
+            make_config(tiny_model_dir, tmp_path, algo="rloo", samples_per_prompt=1),
+            prompts=PROMPTS,
+        )
+    with pytest.raises(ValueError, match="alpha"):
+        RLTrainer(
+            make_config(tiny_model_dir, tmp_path, regularizer="cpm", alpha=1.5), prompts=PROMPTS
+        )
+
+
+class _CrashAfter:
+    """A reward that fails on its n-th call, to simulate a crash mid-run."""
+
+    def __init__(self, n: int):
+        self.calls, self.n = 0, n
+
+    def __call__(self, prompts, completions):
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError("simulated crash")
+        return [c.split().count("tea") - 0.1 * len(c.split()) for c in completions]
+
+
+@pytest.mark.parametrize("algo", ["ppo", "rloo"])
+def test_resume_after_crash_matches_uninterrupted_run(tiny_model_dir, tmp_path, algo):
+    overrides = dict(
+        algo=algo, regularizer="cpm", alpha=0.2, steps=4, save_every=2, lr_schedule="linear"
+    )
+    straight = RLTrainer(
+        make_config(tiny_model_dir, tmp_path / "a", **overrides),
+        reward_fn=_CrashAfter(0),
+        prompts=PROMPTS,
+    )
+    straight.train()
+
+    crashing = RLTrainer(
+        make_config(tiny_model_dir, tmp_path / "b", **overrides),
+        reward_fn=_CrashAfter(4),
+        prompts=PROMPTS,
+    )
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.train()  # dies during step 4, after the step-2 checkpoint
+    checkpoint = tmp_path / "b" / "checkpoint"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
+
+    resumed = RLTrainer(
+        make_config(tiny_model_dir, tmp_path / "b", **overrides),
+        reward_fn=_CrashAfter(0),
+        prompts=PROMPTS,
+    )
+    resumed.train(resume=checkpoint)
+    torch.testing.assert_close(
+        flat_params(resumed.policy), flat_params(straight.policy), atol=1e-6, rtol=0
+    )
+    if algo == "ppo":
+        torch.testing.assert_close(
+            flat_params(resumed.critic), flat_params(straight.critic), atol=1e-6, rtol=0
+        )
+    steps = [row["step"] for row in read_jsonl(tmp_path / "b" / "metrics.jsonl")]
+    assert steps[-2:] == [3, 4]
+
+
+def test_rl_cli_with_yaml_and_overrides(tiny_model_dir, tmp_path):
+    config = tmp_path / "rl.yaml"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    config.write_text(
+        f"policy: {tiny_model_dir}\nreward: {REWARD_SPEC}\nprompts: {prompts}\nalgo: grpo\n"
+        f"regularizer: kl\nsteps: 3\nprompts_per_step: 2\nsamples_per_prompt: 2\nmax_new_tokens: 4\n"
+        f"output_dir: {tmp_path / 'out'}\nquiet: true\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pmrlhf",
+            "rl",
+            "--config",
+            str(config),
+            "--set",
+            "regularizer=pm",
+            "--steps",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = read_jsonl(tmp_path / "out" / "metrics.jsonl")
+    assert len(rows) == 2 and "kl_to_ref" not in rows[0]  # --set regularizer=pm won over the file
+
+
+@pytest.mark.multiprocess
+def test_two_process_accelerate_run_keeps_ranks_identical(tiny_model_dir, tmp_path):
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true")
+    result = subprocess.run(
+        # accelerate 1.15's `--cpu` flag runs a single process; `--multi_gpu` starts two torchrun
+        # workers, which use gloo and the CPU when no GPU is present.
+        [
+            str(accelerate),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            str(SCRIPTS / "two_rank_rl.py"),
+            str(tiny_model_dir),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = load_file(str(tmp_path / "rank0.safetensors"))
+    rank1 = load_file(str(tmp_path / "rank1.safetensors"))
+    start = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert rank0.keys() == rank1.keys()
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    moved = [name for name in start if name in rank0 and not torch.equal(start[name], rank0[name])]
+    assert moved, "two steps of training changed nothing"
+    assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
