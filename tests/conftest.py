@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models are fastest on one thread, and one thread does not stall when cores are shared.
+torch.set_num_threads(1)
 
 TINY_TEXTS = [
     "Which season do you like best ?",
@@ -24,3 +27,19 @@ def tiny_model_dir(tmp_path_factory):
     from pmrlhf.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), TINY_TEXTS, seed=0)
+
+
+def two_process_launch(*args: str) -> tuple[list[str], dict[str, str]]:
+    """An ``accelerate launch`` command and environment for a real two-process CPU run.
+
+    accelerate 1.15's ``--cpu`` flag starts a single process; ``--multi_gpu`` starts two
+    torchrun workers, which fall back to gloo on the CPU when no GPU is visible.
+    """
+    import sys
+    from pathlib import Path
+
+    launcher = str(Path(sys.executable).with_name("accelerate"))
+    command = [launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", *args]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true")
+    return command, env

@@ -17,7 +17,7 @@ class ToyConfig:
     regularizer: str = option("kl", help="which penalty to apply", choices=["kl", "pm", "cpm"])
     alpha: float | None = option(None, help="conditional-PM threshold on the reference prob")
     bf16: bool = option(False, help="train in bfloat16")
-    betas: list[float] = option([0.1, 0.5], help="values for a sweep")  # noqa: RUF009
+    betas: list[float] = option([0.1, 0.5], help="values for a sweep")
     top_p: float = option(1.0, help="nucleus mass kept in rollouts (100% = off)")
     run_name: str = option("run", help="label of the output folder")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -219,32 +218,12 @@ def test_rl_cli_with_yaml_and_overrides(tiny_model_dir, tmp_path):
 
 @pytest.mark.multiprocess
 def test_two_process_accelerate_run_keeps_ranks_identical(tiny_model_dir, tmp_path):
-    accelerate = Path(sys.executable).with_name("accelerate")
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", ACCELERATE_USE_CPU="true")
-    result = subprocess.run(
-        # accelerate 1.15's `--cpu` flag runs a single process; `--multi_gpu` starts two torchrun
-        # workers, which use gloo and the CPU when no GPU is present.
-        [
-            str(accelerate),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            "no",
-            "--dynamo_backend",
-            "no",
-            str(SCRIPTS / "two_rank_rl.py"),
-            str(tiny_model_dir),
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
+    from conftest import two_process_launch
+
+    command, env = two_process_launch(
+        str(SCRIPTS / "two_rank_rl.py"), str(tiny_model_dir), str(tmp_path)
     )
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0 = load_file(str(tmp_path / "rank0.safetensors"))
     rank1 = load_file(str(tmp_path / "rank1.safetensors"))

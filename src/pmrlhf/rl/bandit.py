@@ -150,7 +150,7 @@ def fit_reference(folder: Path, problem: BanditProblem, steps: int = 400, seed: 
         loss.backward()
         optimizer.step()
     model.save_pretrained(folder)
-    return float(loss)
+    return float(loss.detach())
 
 
 def closed_form(
@@ -303,12 +303,15 @@ def run(args: argparse.Namespace) -> int:
         f"{args.algo} / {args.regularizer}  β={args.beta}"
         + (f"  α={args.alpha}" if args.regularizer == "cpm" else "")
     )
+
+    def fmt(table: torch.Tensor, row: int) -> str:
+        return " ".join(f"{v:.3f}" for v in table[row].tolist())
+
     for i in range(problem.rewards.shape[0]):
-        fmt = lambda t: " ".join(f"{v:.3f}" for v in t[i].tolist())  # noqa: E731
-        print(f"prompt {i}: reward    {fmt(problem.rewards)}")
-        print(f"          reference {fmt(result.reference)}")
-        print(f"          optimum   {fmt(result.optimum)}")
-        print(f"          learned   {fmt(result.learned)}   TV {float(result.tv[i]):.4f}")
+        print(f"prompt {i}: reward    {fmt(problem.rewards, i)}")
+        print(f"          reference {fmt(result.reference, i)}")
+        print(f"          optimum   {fmt(result.optimum, i)}")
+        print(f"          learned   {fmt(result.learned, i)}   TV {float(result.tv[i]):.4f}")
     print(
         f"max TV to the closed-form optimum: {float(result.tv.max()):.4f}  ({result.extra['seconds']:.1f} s)"
     )

@@ -72,7 +72,7 @@ class ModelReward:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> Tensor:
-        from pmrlhf.reward import score_texts
+        from pmrlhf.score import score_texts
 
         return (
             score_texts(

@@ -226,7 +226,7 @@ class RLTrainer:
             "entropy": [],
         }
         token_rewards = advantages = returns = None
-        for epoch in range(c.ppo_epochs):
+        for _epoch in range(c.ppo_epochs):
             order = torch.randperm(n) if c.minibatches > 1 else torch.arange(n)
             for chunk in order.chunk(c.minibatches):
                 idx = chunk.to(seq.device)

@@ -1,0 +1,200 @@
+"""Reading raw rows from local files or the Hugging Face Hub, through ``datasets``.
+
+Local ``.jsonl``, ``.json``, ``.parquet`` and ``.csv`` files load with the matching ``datasets``
+builder; anything else that is not an existing path is taken as a hub dataset name. JSON files
+are first read line by line here, so a malformed line fails with its file and line number
+instead of an Arrow parse error with neither.
+
+Every table remembers where its rows came from, so later validation errors can say
+"``data.jsonl, line 7``" (jsonl: the 1-based line of the file) or "``data.csv, row 3``".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # imported lazily: ``datasets`` takes a while to import
+    import datasets
+
+__all__ = ["LOCAL_FORMATS", "Table", "load_records", "read_table"]
+
+# file suffix -> ``datasets`` builder name
+LOCAL_FORMATS: dict[str, str] = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
+
+
+@dataclass
+class Table:
+    """Raw rows plus where each came from.
+
+    ``lines`` holds, for JSON Lines files read whole, the 1-based file line of each row (blank
+    lines are skipped, so row ``i`` is not always line ``i + 1``).
+    """
+
+    dataset: datasets.Dataset
+    source: str
+    unit: str = "row"
+    lines: list[int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def where(self, index: int) -> str:
+        """A human-readable location of row ``index`` (0-based), e.g. ``data.jsonl, line 7``."""
+        if self.lines is not None:
+            return f"{self.source}, line {self.lines[index]}"
+        return f"{self.source}, {self.unit} {index + 1}"
+
+
+def load_records(source: str | os.PathLike, split: str | None = None) -> datasets.Dataset:
+    """Rows of a local ``.jsonl``/``.json``/``.parquet``/``.csv`` file or of a hub dataset.
+
+    ``split`` picks a hub split (default ``train``) and may slice it (``train[:1000]``); a local
+    file is a single ``train`` split. Malformed JSON raises ValueError naming file and line.
+    """
+    return read_table(source, split).dataset
+
+
+def read_table(source: str | os.PathLike, split: str | None = None) -> Table:
+    """Like :func:`load_records`, keeping the row locations used in error messages."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _read_directory(path, split)
+    suffix = path.suffix.lower()
+    if suffix in LOCAL_FORMATS:
+        if not path.is_file():
+            raise FileNotFoundError(f"data file not found: {text}")
+        return _read_file(path, LOCAL_FORMATS[suffix], split)
+    if path.exists():
+        raise ValueError(
+            f"{text}: unsupported data file type {suffix or '(no suffix)'!r}; "
+            f"use one of {', '.join(LOCAL_FORMATS)} or a Hugging Face dataset name"
+        )
+    return _read_hub(text, split)
+
+
+# --------------------------------------------------------------------------- local files
+def _read_file(path: Path, builder: str, split: str | None) -> Table:
+    lines: list[int] | None = None
+    unit = "row"
+    if builder == "json":
+        lines = _check_json_file(path)
+        unit = "record" if lines is None else "row"  # a JSON array holds records
+    dataset = _load(builder, data_files=str(path), split=split or "train", what=str(path))
+    if lines is not None and (split not in (None, "train") or len(lines) != len(dataset)):
+        # a sliced split ("train[10:20]") no longer lines up with the file's lines
+        lines = None
+    return Table(dataset, str(path), unit=unit, lines=lines)
+
+
+def _check_json_file(path: Path) -> list[int] | None:
+    """Parse a JSON or JSON Lines file; return the line of each row (None for a JSON array)."""
+    with path.open(encoding="utf-8") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith("["):
+        _check_json_array(path)
+        return None
+    line_numbers: list[int] = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{path}, line {number}: malformed JSON ({err.msg} at column {err.colno}); "
+                    "each line of a JSON Lines file must be one JSON object"
+                ) from None
+            if not isinstance(value, dict):
+                raise ValueError(
+                    f"{path}, line {number}: expected a JSON object, got {type(value).__name__}"
+                )
+            line_numbers.append(number)
+    if not line_numbers:
+        raise ValueError(f"{path}: the file has no rows")
+    return line_numbers
+
+
+def _check_json_array(path: Path) -> None:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path}, line {err.lineno}: malformed JSON ({err.msg} at column {err.colno})"
+        ) from None
+    for number, item in enumerate(value, start=1):
+        if not isinstance(item, dict):
+            raise ValueError(
+                f"{path}, record {number}: expected a JSON object, got {type(item).__name__}"
+            )
+    if not value:
+        raise ValueError(f"{path}: the file has no rows")
+
+
+def _read_directory(path: Path, split: str | None) -> Table:
+    import datasets
+
+    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            name = split or "train"
+            if name not in loaded:
+                raise ValueError(f"{path}: no split {name!r}; it has {sorted(loaded)}")
+            loaded = loaded[name]
+        return Table(loaded, str(path))
+    return Table(_load(str(path), split=split or "train", what=str(path)), str(path))
+
+
+# --------------------------------------------------------------------------- hub
+def _read_hub(name: str, split: str | None) -> Table:
+    chosen = split or "train"
+    try:
+        dataset = _load(name, split=chosen, what=name, wrap=False)
+    except Exception as err:
+        raise ValueError(
+            f"{name!r} is not a local file or folder, and loading it as a Hugging Face dataset "
+            f"(split {chosen!r}) failed: {type(err).__name__}: {err}"
+        ) from None
+    return Table(dataset, f"{name} (split {chosen})")
+
+
+# --------------------------------------------------------------------------- datasets glue
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    import datasets
+
+    # "Generating train split" bars for a local file are noise next to our own progress bar.
+    enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
+def _load(path: str, *, split: str, what: str, wrap: bool = True, **kwargs: Any):
+    import datasets
+
+    with _quiet_datasets():
+        try:
+            dataset = datasets.load_dataset(path, split=split, **kwargs)
+        except Exception as err:
+            if not wrap:
+                raise
+            raise ValueError(f"{what}: could not be read: {type(err).__name__}: {err}") from None
+    if not isinstance(dataset, datasets.Dataset):
+        raise ValueError(f"{what}: expected one split of rows, got {type(dataset).__name__}")
+    return dataset
