@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pmrlhf import models
+from pmrlhf import lora, models
 from pmrlhf.rl.config import PMSafetyWarning, RLConfig
 from pmrlhf.rl.rollout import generate, token_logprobs
 from pmrlhf.rl.trainer import RLTrainer
@@ -70,13 +70,13 @@ def test_every_algorithm_and_regularizer_trains(tiny_model_dir, tmp_path, algo, 
 
 def test_pm_run_loads_no_reference_model(tiny_model_dir, tmp_path, monkeypatch):
     loaded = []
-    real = models.load_causal_lm
+    real = lora.load_policy_model
 
     def counting_load(*args, **kwargs):
         loaded.append(args[0])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(models, "load_causal_lm", counting_load)
+    monkeypatch.setattr(lora, "load_policy_model", counting_load)
     pm = RLTrainer(make_config(tiny_model_dir, tmp_path / "pm", regularizer="pm"), prompts=PROMPTS)
     assert pm.ref is None and len(loaded) == 1  # the policy only
     kl = RLTrainer(make_config(tiny_model_dir, tmp_path / "kl", regularizer="kl"), prompts=PROMPTS)

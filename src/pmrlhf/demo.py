@@ -248,7 +248,7 @@ def _train_rl(
         dtype="fp32",
     )
     prompt_texts = [r.prompt for r in load_prompts(str(prompts))]
-    RLTrainer(rl_config, reward_fn=reward_fn, prompts=prompt_texts).train()
+    RLTrainer(rl_config, reward_fn=reward_fn, prompts=prompt_texts).train(print_summary=False)
     return out / "policy"
 
 
@@ -268,6 +268,7 @@ def _write_outputs(
         "tv_to_truth",
         "tv_valid",
         "minority_mass",
+        "minority_share_valid",
         "target_minority_mass",
         "invalid_rate",
         "pmd",
@@ -301,9 +302,7 @@ def _write_outputs(
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     plots = [
         plot_answer_distributions(results, out / "answer_distributions.png"),
-        plot_preference_histograms(
-            {m: r["pairs"] for m, r in results.items()}, out / "preference_histograms.png"
-        ),
+        plot_preference_histograms(results, out / "preference_histograms.png"),
     ]
     if histories:
         plots.append(plot_training_curves(histories, out / "training_curves.png"))
@@ -346,45 +345,60 @@ def format_table(summary: dict[str, Any]) -> str:
 
 
 def _report_markdown(summary, table: str, plots: list[Path], config: DemoConfig) -> str:
-    return f"""# pmrlhf demo report
+    methods = summary["methods"]
 
-pmrlhf {summary["version"]}; seed {config.seed}; {config.rl_steps} RL steps per method ({config.rl_algo}).
+    def value(method: str, key: str) -> str:
+        return (
+            f"{methods[method][key]:.3f}" if method in methods and key in methods[method] else "n/a"
+        )
+
+    text = f"""# pmrlhf demo report
+
+pmrlhf {summary["version"]}; seed {config.seed}; {config.rl_steps} RL steps per method
+({config.rl_algo}, {config.prompts_per_step} prompts × {config.samples_per_prompt} samples per step);
+{config.eval_samples} samples per held-out prompt for evaluation.
 
 ```
 {table}
 ```
 
 - **kl (β={config.kl_beta})** is standard RLHF. Its optimum π_ref·exp(r/β) sharpens the reward
-  model's preferences by 1/β, so the majority answer takes almost all the mass: the minority
-  mass falls far below the target's. This is preference collapse.
-- **pm (β={config.pm_beta})** regularises with −log π. Over the valid answers it matches the
-  reward model's softmax(r) (see *TV valid*), but −log π also rewards spreading mass over
-  sequences the reward model never saw: its invalid rate shows the cost.
+  model's preferences by 1/β, so the majority answer takes almost all the mass: minority mass
+  {value("kl", "minority_mass")} against a target of {value("kl", "target_minority_mass")}. This is
+  preference collapse.
+- **pm (β={config.pm_beta})** regularises with −log π, whose optimum is softmax(r) over *all*
+  token sequences. On text, each token can earn up to log V nats of bonus, far more than the
+  reward differences, and the reward model never saw most sequences: pm drifts into invalid
+  text (invalid rate {value("pm", "invalid_rate")}). That is the reason conditional PM exists.
 - **cpm (β={config.cpm_beta}, α={config.cpm_alpha})** applies the PM term only to tokens the SFT
-  model gives more than α, and the KL term elsewhere. It keeps the minority answers at their
-  target shares without drifting into invalid text.
-- **PMD** is the paper's preference matching divergence over pairs of sampled responses; lower
-  is better.
+  model gives more than α, and the KL term elsewhere. Every token of a valid answer has SFT
+  probability above α, while the SFT model's slips into invalid text sit far below it, so cpm
+  matches the reward model on the valid answers (TV {value("cpm", "tv_to_target")} to the target)
+  and keeps the invalid rate at {value("cpm", "invalid_rate")} (SFT: {value("sft", "invalid_rate")}).
+- **PMD** is the paper's preference matching divergence, over pairs of responses sampled with
+  top-p 0.9 as in the paper (lower is better); `pmd_untruncated` in metrics.json uses plain
+  samples, where rare invalid responses dominate it.
 
 ![answer distributions]({plots[0].name})
 
-The bars are each method's share of sampled answers on held-out prompts, per question family;
-the grey bar is the reward model's target softmax(r) and the black tick the hidden ground truth.
+Each method's share of sampled answers on held-out prompts, per question family. The light grey
+bar is the reward model's target softmax(r) (summed over each answer's paraphrases), the black
+tick the hidden ground truth, and "invalid" is everything that is not a valid answer.
 
 ![preference histograms]({plots[1].name})
 
-For pairs of sampled responses, the preference the policy implies, σ(log π(y1) − log π(y2)),
-against the reward model's σ(r(y1) − r(y2)). A preference-matching policy reproduces the reward
-model's histogram; a collapsed one piles up at 0 and 1.
-""" + (
-        f"""
+For every pair of answers of a held-out prompt, the preference the policy implies,
+π(a)/(π(a) + π(b)), against the reward model's, with a the answer the reward model prefers
+(exact answer probabilities by teacher forcing). A preference-matching policy reproduces the
+reward model's histogram; a collapsed one piles up at 1.
+"""
+    if len(plots) > 2:
+        text += f"""
 ![training curves]({plots[2].name})
 
-Mean reward, total penalty Σ p_t and token entropy over RL steps.
+Mean reward, total penalty Σ p_t and token entropy over the RL steps.
 """
-        if len(plots) > 2
-        else ""
-    )
+    return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -392,6 +406,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from pmrlhf.training import quiet_transformers
+
     config = config_from_args(DemoConfig, args)
-    run_demo(config)
+    # The demo saves and reloads many tiny checkpoints: keep the console to the demo's own lines.
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    with quiet_transformers(True):
+        run_demo(config)
     return 0

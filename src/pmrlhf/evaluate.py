@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,10 @@ def _distribution_metrics(
         if valid_mass > 0
         else float("nan"),
         "minority_mass": valid_mass - float(dist[majority]),
+        # the same, as a share of the valid answers only (defined even when most output is invalid)
+        "minority_share_valid": (1.0 - float(dist[majority]) / valid_mass)
+        if valid_mass > 0
+        else float("nan"),
         "target_minority_mass": 1.0 - float(target_valid[majority]),
         "invalid_rate": float(dist[-1]),
     }
@@ -226,8 +231,9 @@ def world_metrics(
             exact_row = _distribution_metrics(exact_dist, target_valid, truth_valid)
             exact.append(exact_row)
             record["exact_distribution"] = exact_dist.tolist()
-            if row["tv_valid"] != row["tv_valid"]:  # NaN: no valid sample for this prompt
+            if math.isnan(row["tv_valid"]):  # no valid sample for this prompt
                 row["tv_valid"] = exact_row["tv_valid"]
+                row["minority_share_valid"] = exact_row["minority_share_valid"]
                 fallback += 1
         sampled.append(row)
         per_prompt.append(record)

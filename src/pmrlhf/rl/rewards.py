@@ -63,9 +63,10 @@ class ModelReward:
     """A scalar reward model (``AutoModelForSequenceClassification``, one label), no grad."""
 
     def __init__(self, path: str, device: torch.device, dtype: torch.dtype, batch_size: int = 64):
-        from pmrlhf.models import load_reward_model, load_tokenizer
+        from pmrlhf.lora import load_scoring_model
+        from pmrlhf.models import load_tokenizer
 
-        self.model = load_reward_model(path, dtype=dtype, device=device).eval()
+        self.model = load_scoring_model(path, dtype=dtype, device=device).eval()
         self.model.requires_grad_(False)
         self.tokenizer = load_tokenizer(path, padding_side="right")
         self.batch_size = batch_size

@@ -89,16 +89,17 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ set-up
     def _load_models(self, reward_fn: RewardFn | None) -> None:
-        from pmrlhf.models import load_causal_lm, load_reward_model, load_tokenizer
+        from pmrlhf import lora
+        from pmrlhf.models import load_tokenizer
 
         c = self.config
         assert c.policy is not None and c.reward is not None
         self.tokenizer = load_tokenizer(c.policy, padding_side="left")
-        policy = load_causal_lm(c.policy, dtype=self.dtype)
+        policy = lora.load_policy_model(c.policy, dtype=self.dtype)
         policy.generation_config.pad_token_id = self.tokenizer.pad_token_id
         self.ref = None
         if self.regularizer.needs_ref:
-            self.ref = load_causal_lm(
+            self.ref = lora.load_policy_model(
                 c.ref or c.policy, dtype=self.dtype, device=self.device
             ).eval()
             self.ref.requires_grad_(False)
@@ -114,7 +115,9 @@ class RLTrainer:
             if init == "auto":
                 init = "reward" if is_model_reward(c.reward) and reward_fn is None else "policy"
             critic = ValueModel(
-                load_reward_model(c.reward if init == "reward" else c.policy, dtype=self.dtype)
+                lora.load_scoring_model(
+                    c.reward if init == "reward" else c.policy, dtype=self.dtype
+                )
             )
             params.append({"params": list(critic.parameters()), "lr": c.critic_lr})
             self.critic = critic
@@ -361,7 +364,7 @@ class RLTrainer:
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ the loop
-    def train(self, resume: str | Path | None = None) -> dict[str, Any]:
+    def train(self, resume: str | Path | None = None, print_summary: bool = True) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         c = self.config
@@ -399,7 +402,7 @@ class RLTrainer:
         self.save_checkpoint()
         self.save_policy(out / "policy")
         summary = _summary(history, watch.seconds(), out)
-        if main and not c.quiet:
+        if main and print_summary and not c.quiet:
             print(json.dumps(summary, indent=2))
         return summary
 
