@@ -279,11 +279,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--progress", action="store_true", help="show the training progress bar")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default: 1, fastest for tiny models)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    from pmrlhf.training import quiet_transformers
+
     problem = make_problem(args.rewards, args.ref)
-    result = run_bandit(
+    torch.set_num_threads(args.threads)
+    with quiet_transformers(not args.progress):
+        result = _run(args, problem)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
+    _print_result(args, problem, result)
+    return 0
+
+
+def _run(args: argparse.Namespace, problem: BanditProblem) -> BanditResult:
+    return run_bandit(
         problem,
         regularizer=args.regularizer,
         algo=args.algo,
@@ -296,9 +315,9 @@ def run(args: argparse.Namespace) -> int:
         work_dir=args.out,
         quiet=not args.progress,
     )
-    if args.json:
-        print(json.dumps(result.to_json(), indent=2))
-        return 0
+
+
+def _print_result(args: argparse.Namespace, problem: BanditProblem, result: BanditResult) -> None:
     print(
         f"{args.algo} / {args.regularizer}  β={args.beta}"
         + (f"  α={args.alpha}" if args.regularizer == "cpm" else "")
@@ -315,4 +334,3 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"max TV to the closed-form optimum: {float(result.tv.max()):.4f}  ({result.extra['seconds']:.1f} s)"
     )
-    return 0

@@ -11,6 +11,7 @@ handles devices through ``accelerate``, and writes metrics and checkpoints.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -335,7 +336,15 @@ class RLTrainer:
             else final.with_name(final.name + ".tmp")
         )
         acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
+        # Tied input/output embeddings are saved once; accelerate warns about that on every save,
+        # and the resume test checks that they reload exactly.
+        shared_tensor_log = logging.getLogger("accelerate.utils.other")
+        level = shared_tensor_log.level
+        shared_tensor_log.setLevel(logging.ERROR)
+        try:
+            acc.save_state(str(tmp), safe_serialization=True)
+        finally:
+            shared_tensor_log.setLevel(level)
         if acc.is_main_process:
             acc.unwrap_model(self.policy).save_pretrained(tmp / "policy")
             self.tokenizer.save_pretrained(tmp / "policy")
