@@ -132,6 +132,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(str(sft_dir))
     ref = load_causal_lm(str(sft_dir)).eval()
     eval_prompts = world.eval_prompts()
+    alpha_check = alpha_evidence(ref, tokenizer, world, world.train_prompts(), config.cpm_alpha)
+    _log(alpha_check["summary"], config.quiet)
     policies = {"sft": sft_dir}
     histories: dict[str, list[dict[str, float]]] = {}
     for method in ("kl", "pm", "cpm"):
@@ -160,9 +162,61 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             seed=config.seed + 1,
         )
     seconds = time.perf_counter() - start
-    summary = _write_outputs(config, out, results, histories, rm_eval, seconds)
+    summary = _write_outputs(config, out, results, histories, rm_eval, seconds, alpha_check)
     _log(f"done in {seconds:.0f} s; report: {out / 'report.md'}", config.quiet)
     return summary
+
+
+@torch.no_grad()
+def alpha_evidence(
+    ref, tokenizer, world, prompts: list[str], alpha: float, samples: int = 200
+) -> dict[str, Any]:
+    """Where α sits between the SFT model's probabilities of valid-answer tokens and of its slips.
+
+    cpm treats a token as meaningful when π_ref > α. The threshold does its job when every token
+    of every valid answer is above it and the tokens where the SFT model leaves the valid answers
+    are below it. Both are measured here on the training prompts: the lowest SFT probability of
+    any valid-answer token (teacher forcing), and for each invalid SFT sample the probability of
+    its least likely token.
+    """
+    from pmrlhf.rl.rollout import generate, token_logprobs
+
+    lowest_valid = 1.0
+    for prompt in prompts:
+        prompt_ids = tokenizer(prompt).input_ids
+        for _, text in world.valid_sequences(prompt):
+            ids = (
+                prompt_ids
+                + tokenizer(text, add_special_tokens=False).input_ids
+                + [tokenizer.eos_token_id]
+            )
+            sequence = torch.tensor([ids])
+            logp, _ = token_logprobs(ref, sequence, torch.ones_like(sequence), len(prompt_ids))
+            lowest_valid = min(lowest_valid, float(logp.exp().min()))
+    rollout = generate(
+        ref, tokenizer, [p for p in prompts for _ in range(samples // len(prompts) + 1)], 12
+    )
+    logp, _ = token_logprobs(ref, rollout.sequences, rollout.attention_mask, rollout.prompt_length)
+    slips = sorted(
+        float(logp[i][rollout.response_mask[i].bool()].exp().min())
+        for i, (p, t) in enumerate(zip(rollout.prompts, rollout.responses, strict=True))
+        if world.classify(p, t) is None
+    )
+    slip_q90 = slips[int(0.9 * (len(slips) - 1))] if slips else float("nan")
+    separated = bool(slips) and slip_q90 < alpha < lowest_valid
+    summary = (
+        f"cpm α={alpha}: lowest SFT probability of a valid-answer token {lowest_valid:.3f}; "
+        f"90% of the SFT model's invalid samples have a token below {slip_q90:.4f}"
+        + (" (α separates them)" if separated else " (α does NOT separate them)")
+    )
+    return {
+        "alpha": alpha,
+        "lowest_valid_token_probability": lowest_valid,
+        "invalid_samples": len(slips),
+        "invalid_slip_probability_q90": slip_q90,
+        "separated": separated,
+        "summary": summary,
+    }
 
 
 def _train_sft(config: DemoConfig, base: Path, data: Path, out: Path) -> Path:
@@ -253,7 +307,7 @@ def _train_rl(
 
 
 def _write_outputs(
-    config, out: Path, results, histories, rm_eval, seconds: float
+    config, out: Path, results, histories, rm_eval, seconds: float, alpha_check: dict[str, Any]
 ) -> dict[str, Any]:
     from pmrlhf import __version__
     from pmrlhf.metrics import pmd_improvement
@@ -295,6 +349,7 @@ def _write_outputs(
         "seconds": seconds,
         "version": __version__,
         "config": to_dict(config),
+        "cpm_alpha_check": alpha_check,
         "reward_model_eval": {k: v for k, v in rm_eval.items() if not isinstance(v, (list, dict))},
         "per_prompt": {m: r["per_prompt"] for m, r in results.items()},
         "examples": {m: r["examples"] for m, r in results.items()},
@@ -375,6 +430,7 @@ pmrlhf {summary["version"]}; seed {config.seed}; {config.rl_steps} RL steps per 
   probability above α, while the SFT model's slips into invalid text sit far below it, so cpm
   matches the reward model on the valid answers (TV {value("cpm", "tv_to_target")} to the target)
   and keeps the invalid rate at {value("cpm", "invalid_rate")} (SFT: {value("sft", "invalid_rate")}).
+- **Why α = {config.cpm_alpha}**: {summary["cpm_alpha_check"].get("summary", "")}.
 - **PMD** is the paper's preference matching divergence, over pairs of responses sampled with
   top-p 0.9 as in the paper (lower is better); `pmd_untruncated` in metrics.json uses plain
   samples, where rare invalid responses dominate it.

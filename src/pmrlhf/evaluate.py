@@ -267,6 +267,9 @@ def evaluate_policy(
     are drawn separately with nucleus sampling (``pmd_top_p``, 0.9 in the paper), while the
     log-probs in it are full-softmax sums. ``pmd_pairs`` pairs per prompt (default n_samples/2).
     """
+    from pmrlhf.rl.rewards import CallableReward
+
+    reward_fn = CallableReward(reward_fn)  # plain functions may return lists of floats
     torch.manual_seed(seed)
     samples = sample_and_score(
         policy, tokenizer, reward_fn, prompts, n_samples, max_new_tokens, ref=ref

@@ -1,0 +1,85 @@
+"""`pmrlhf eval` and the evaluation metrics on real (tiny) models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pmrlhf import models
+from pmrlhf.cli import main
+from pmrlhf.evaluate import distinct_n, evaluate_policy, exact_answer_distribution, pmd_from_samples
+from pmrlhf.world import default_world
+
+REWARD_SPEC = f"{Path(__file__).parent / 'scripts' / 'reward_fns.py'}:likes_tea"
+
+
+def test_distinct_n():
+    assert distinct_n(["a b a b"], 1) == pytest.approx(2 / 4)
+    assert distinct_n(["a b", "a b"], 2) == pytest.approx(1 / 2)
+    assert distinct_n([""], 2) == 0.0
+
+
+def test_pmd_from_samples_pairs_consecutive_samples():
+    samples = [
+        {"texts": ["a", "b", "c", "d"], "rewards": torch.tensor([1.0, 0.0, 2.0, 2.0]),
+         "logp": torch.tensor([-1.0, -2.0, -3.0, -1.0])},
+    ]  # fmt: skip
+    # pairs (a,b): (1-0) - (-1+2) = 0 ; (c,d): 0 - (-3+1) = 2  ->  mean of [0, 4] = 2
+    assert pmd_from_samples(samples) == pytest.approx(2.0)
+
+
+def test_exact_answer_distribution_is_a_distribution_and_matches_sampling(tmp_path):
+    """Teacher-forced answer probabilities agree with the frequencies of sampled answers."""
+    world = default_world()
+    model_dir = models.build_tiny_model(tmp_path / "m", world.vocabulary(), seed=3)
+    tokenizer = models.load_tokenizer(str(model_dir))
+    policy = models.load_causal_lm(str(model_dir)).eval()
+    prompt = world.eval_prompts()[0]
+    # Make valid answers likely: a few SFT steps on this prompt's valid answers.
+    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    texts = [f"{prompt} {text}{tokenizer.eos_token}" for _, text in world.valid_sequences(prompt)]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    for _ in range(40):
+        loss = policy(**batch, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    policy.eval()
+    exact = exact_answer_distribution(policy, tokenizer, world, prompt)
+    assert exact.shape == (len(world.answers(prompt)) + 1,)
+    assert float(exact.sum()) == pytest.approx(1.0) and (exact >= 0).all()
+    assert float(exact[:-1].sum()) > 0.5  # the fitted model mostly answers validly
+
+    def zero_reward(prompts, completions):
+        return [0.0] * len(completions)
+
+    metrics = evaluate_policy(policy, tokenizer, zero_reward, [prompt], n_samples=2000,
+                              max_new_tokens=12, world=world, seed=0)  # fmt: skip
+    sampled = torch.tensor(metrics["per_prompt"][0]["distribution"], dtype=torch.float64)
+    assert float((sampled - exact).abs().max()) < 0.04  # 2000 samples: a few standard errors
+
+
+def test_eval_cli_on_plain_prompts(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Which drink do you prefer ?"}\n{"prompt": "tea"}\n')
+    out = tmp_path / "eval.json"
+    args = ["eval", "--policy", str(tiny_model_dir), "--reward", REWARD_SPEC, "--prompts", str(prompts),
+            "--ref", str(tiny_model_dir), "--samples", "8", "--max-new-tokens", "5", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads(out.read_text())
+    for key in ("pmd", "mean_reward", "kl_to_ref", "entropy", "distinct_1", "distinct_2"):
+        assert key in printed and key in saved
+    assert printed["kl_to_ref"] == pytest.approx(0.0, abs=1e-5)  # policy = reference
+    assert "tv_to_target" not in printed  # real data: no enumerable answers
+
+
+def test_eval_cli_rejects_missing_prompt_file(tiny_model_dir, tmp_path, capsys):
+    args = ["eval", "--policy", str(tiny_model_dir), "--reward", REWARD_SPEC,
+            "--prompts", str(tmp_path / "missing.jsonl")]  # fmt: skip
+    assert main(args) == 2
+    assert "missing.jsonl" in capsys.readouterr().err
