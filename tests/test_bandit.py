@@ -15,7 +15,7 @@ from pmrlhf.rl.bandit import make_problem, run_bandit
 PROBLEM = make_problem("2,0,-1;0,1,0.5", "0.1,0.3,0.6")
 
 
-@pytest.mark.parametrize("algo", ["ppo", "rloo"])
+@pytest.mark.parametrize("algo", ["ppo", "rloo", "grpo", "reinforce_pp"])
 @pytest.mark.parametrize("regularizer", ["pm", "kl", "cpm"])
 def test_bandit_converges_to_closed_form(algo, regularizer):
     result = run_bandit(PROBLEM, regularizer=regularizer, algo=algo, beta=0.7, alpha=0.25)

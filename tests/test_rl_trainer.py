@@ -68,6 +68,25 @@ def test_every_algorithm_and_regularizer_trains(tiny_model_dir, tmp_path, algo, 
     assert (tmp_path / "checkpoint" / "trainer_state.json").is_file()
 
 
+def test_ppo_with_a_reward_model_folder_starts_the_critic_from_it(tiny_model_dir, tmp_path):
+    from pmrlhf.lora import load_scoring_model
+
+    reward_dir = tmp_path / "rm"
+    load_scoring_model(str(tiny_model_dir)).save_pretrained(reward_dir)
+    models.load_tokenizer(str(tiny_model_dir)).save_pretrained(reward_dir)
+    config = make_config(
+        tiny_model_dir, tmp_path / "run", algo="ppo", reward=str(reward_dir), tensorboard=True
+    )
+    trainer = RLTrainer(config, prompts=PROMPTS)
+    reward_head = load_scoring_model(str(reward_dir)).score.weight
+    torch.testing.assert_close(
+        trainer.critic.head.weight, reward_head
+    )  # critic_init=auto -> reward
+    trainer.train()
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+    assert "value_loss" in read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
+
+
 def test_pm_run_loads_no_reference_model(tiny_model_dir, tmp_path, monkeypatch):
     loaded = []
     real = lora.load_policy_model
