@@ -219,26 +219,21 @@ def alpha_evidence(
     }
 
 
+def _stage_settings(config: DemoConfig, out: Path) -> dict[str, Any]:
+    """Settings the demo's SFT and reward-model stages share: small batches, silent, fp32."""
+    return dict(output_dir=str(out), batch_size=32, max_length=64, seed=config.seed,
+                eval_before=False, quiet=True, dtype="fp32")  # fmt: skip
+
+
 def _train_sft(config: DemoConfig, base: Path, data: Path, out: Path) -> Path:
     from pmrlhf.sft import SFTConfig, train_sft
 
     result = train_sft(
         SFTConfig(
-            model=str(base),
-            data=str(data),
-            output_dir=str(out),
-            max_steps=config.sft_steps,
-            batch_size=32,
-            lr=config.sft_lr,
-            lr_scheduler="constant",
-            max_length=64,
-            eval_fraction=0.05,
-            seed=config.seed,
-            eval_before=False,
-            quiet=True,
-            dtype="fp32",
+            model=str(base), data=str(data), max_steps=config.sft_steps, lr=config.sft_lr,
+            lr_scheduler="constant", eval_fraction=0.05, **_stage_settings(config, out),
         )
-    )
+    )  # fmt: skip
     return Path(result["model_dir"])
 
 
@@ -249,21 +244,10 @@ def _train_rm(
 
     result = train_reward_model(
         RMConfig(
-            model=str(sft_dir),
-            data=str(data),
-            output_dir=str(out),
-            max_steps=config.rm_steps,
-            batch_size=32,
-            lr=config.rm_lr,
-            lr_scheduler="linear",
-            max_length=64,
-            eval_fraction=0.1,
-            seed=config.seed,
-            eval_before=False,
-            quiet=True,
-            dtype="fp32",
+            model=str(sft_dir), data=str(data), max_steps=config.rm_steps, lr=config.rm_lr,
+            lr_scheduler="linear", eval_fraction=0.1, **_stage_settings(config, out),
         )
-    )
+    )  # fmt: skip
     return Path(result["model_dir"]), result.get("eval", {})
 
 
