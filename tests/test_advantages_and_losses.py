@@ -1,0 +1,107 @@
+"""Advantage estimators and losses against hand-computed values and closed forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pmrlhf.rl import advantages as adv
+from pmrlhf.rl.losses import aggregate, clipped_policy_loss, clipped_value_loss
+from pmrlhf.rl.rollout import response_mask_from_ids
+
+# two responses: lengths 3 and 2 (right-padded)
+MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+REWARDS = torch.tensor([[0.1, -0.2, 1.0], [0.5, 2.0, 99.0]])  # 99 sits on padding
+
+
+def test_sequence_returns_and_rewards_to_go_ignore_padding():
+    torch.testing.assert_close(adv.sequence_returns(REWARDS, MASK), torch.tensor([0.9, 2.5]))
+    togo = adv.rewards_to_go(REWARDS, MASK, gamma=0.5)
+    expected = torch.tensor([[0.1 - 0.1 + 0.25, -0.2 + 0.5, 1.0], [0.5 + 1.0, 2.0, 0.0]])
+    torch.testing.assert_close(togo, expected)
+
+
+def test_gae_limits():
+    values = torch.tensor([[0.3, 0.1, -0.4], [0.2, 0.7, 5.0]])
+    # λ = 1, γ = 1: advantage = reward-to-go − value
+    advantages, returns = adv.gae(REWARDS, values, MASK, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(advantages, (adv.rewards_to_go(REWARDS, MASK) - values) * MASK)
+    torch.testing.assert_close(returns, adv.rewards_to_go(REWARDS, MASK))
+    # λ = 0: the one-step TD error r_t + γ V_{t+1} − V_t, with V = 0 after the last token
+    advantages, _ = adv.gae(REWARDS, values, MASK, gamma=0.9, lam=0.0)
+    expected = torch.tensor(
+        [
+            [0.1 + 0.9 * 0.1 - 0.3, -0.2 + 0.9 * -0.4 - 0.1, 1.0 + 0.4],
+            [0.5 + 0.9 * 0.7 - 0.2, 2.0 - 0.7, 0.0],
+        ]
+    )
+    torch.testing.assert_close(advantages, expected)
+
+
+def test_rloo_and_group_mean_baselines():
+    returns = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])  # two prompts × 3 samples
+    rloo = adv.rloo_advantages(returns, group_size=3)
+    torch.testing.assert_close(
+        rloo, torch.tensor([1 - 4.0, 2 - 3.5, 6 - 1.5, 0 - 1.5, 0 - 1.5, 3 - 0.0])
+    )
+    grpo = adv.group_mean_advantages(returns, group_size=3)
+    torch.testing.assert_close(grpo, torch.tensor([-2.0, -1.0, 3.0, -1.0, -1.0, 2.0]))
+    # RLOO is the group-mean advantage rescaled by k/(k−1): no std normalisation anywhere
+    torch.testing.assert_close(rloo, grpo * 3 / 2)
+    with pytest.raises(ValueError, match="at least 2"):
+        adv.rloo_advantages(returns, group_size=1)
+    with pytest.raises(ValueError, match="multiple"):
+        adv.rloo_advantages(returns, group_size=4)
+
+
+def test_reinforce_pp_uses_one_global_baseline():
+    a = adv.reinforce_pp_advantages(REWARDS, MASK)
+    togo = adv.rewards_to_go(REWARDS, MASK)
+    baseline = togo.sum() / MASK.sum()
+    torch.testing.assert_close(a, (togo - baseline) * MASK)
+    assert float((a * MASK).sum()) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_clipped_policy_loss():
+    logp = torch.log(torch.tensor([[0.5, 0.4], [0.3, 0.3]]))
+    old = torch.log(torch.tensor([[0.25, 0.4], [0.3, 0.6]]))  # ratios 2, 1, 1, 0.5
+    advantage = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+    mask = torch.ones(2, 2)
+    loss, clip_fraction = clipped_policy_loss(
+        logp, old, advantage, mask, clip=0.2, aggregation="token-mean"
+    )
+    # per token: max(−A·r, −A·clip(r)) = −1.2, −1, −1, +0.8  -> mean −0.6
+    assert float(loss) == pytest.approx(-0.6)
+    assert float(clip_fraction) == pytest.approx(0.5)
+    # with old = current (one pass per batch) the gradient is the plain policy gradient
+    logits = torch.zeros(3, requires_grad=True)
+    logp1 = torch.log_softmax(logits, -1)[:1].unsqueeze(0)
+    loss, _ = clipped_policy_loss(
+        logp1, logp1.detach(), torch.tensor([[2.0]]), torch.ones(1, 1), 0.2, "seq-mean-token-sum"
+    )
+    loss.backward()
+    torch.testing.assert_close(logits.grad, -2.0 * (torch.tensor([1.0, 0, 0]) - 1 / 3))
+
+
+def test_aggregations():
+    values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    assert float(aggregate(values, MASK, "seq-mean-token-sum")) == pytest.approx((6 + 9) / 2)
+    assert float(aggregate(values, MASK, "token-mean")) == pytest.approx(15 / 5)
+    with pytest.raises(ValueError):
+        aggregate(values, MASK, "bogus")
+
+
+def test_clipped_value_loss():
+    values = torch.tensor([[1.0, 0.0]])
+    old = torch.tensor([[0.0, 0.0]])
+    returns = torch.tensor([[0.0, 1.0]])
+    # token 1: max((1−0)², (0.2−0)²) = 1; token 2: max(1, 1) = 1  -> ½ · mean = 0.5
+    assert float(
+        clipped_value_loss(values, old, returns, torch.ones(1, 2), clip=0.2)
+    ) == pytest.approx(0.5)
+
+
+def test_response_mask_stops_after_first_eos():
+    ids = torch.tensor([[5, 6, 2, 7, 2], [5, 5, 5, 5, 5], [2, 9, 9, 9, 9]])
+    mask = response_mask_from_ids(ids, [2])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
