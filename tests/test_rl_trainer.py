@@ -68,6 +68,19 @@ def test_every_algorithm_and_regularizer_trains(tiny_model_dir, tmp_path, algo, 
     assert (tmp_path / "checkpoint" / "trainer_state.json").is_file()
 
 
+def test_several_ppo_epochs_and_minibatches_clip_the_ratio(tiny_model_dir, tmp_path):
+    """With old log-probs from a separate pass, later minibatches see ratios away from 1."""
+    config = make_config(tiny_model_dir, tmp_path, algo="ppo", regularizer="kl", ppo_epochs=3,
+                         minibatches=2, prompts_per_step=4, lr=5e-2, clip=0.05)  # fmt: skip
+    trainer = RLTrainer(config, prompts=PROMPTS)
+    before = flat_params(trainer.policy)
+    trainer.train()
+    assert not torch.equal(before, flat_params(trainer.policy))
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert all(math.isfinite(r["policy_loss"]) and math.isfinite(r["value_loss"]) for r in rows)
+    assert max(r["clip_fraction"] for r in rows) > 0
+
+
 def test_ppo_with_a_reward_model_folder_starts_the_critic_from_it(tiny_model_dir, tmp_path):
     from pmrlhf.lora import load_scoring_model
 

@@ -195,32 +195,61 @@ class RLTrainer:
             seq_adv = adv.group_mean_advantages(returns, c.samples_per_prompt)
         return adv.broadcast_to_tokens(seq_adv, mask), None
 
+    def _shape(
+        self,
+        old_logp: Tensor,
+        ref_logp: Tensor | None,
+        mask: Tensor,
+        reward: Tensor,
+        old_values: Tensor | None,
+    ):
+        """Per-token rewards −β·p_t plus the sequence reward at the last token, and advantages.
+
+        Computed once per batch from the detached log-probs of the rollout policy (the sampled
+        estimator of spec §5).
+        """
+        c = self.config
+        penalty = self.regularizer.penalty(old_logp, ref_logp, mask)
+        token_rewards = -c.beta * penalty
+        last = (mask.sum(-1).long() - 1).clamp_min(0)
+        token_rewards[torch.arange(mask.shape[0], device=mask.device), last] += reward
+        advantages, returns = self._advantages(token_rewards, mask, old_values)
+        if c.normalize_advantages:
+            mean = (advantages * mask).sum() / mask.sum()
+            std = (((advantages - mean) * mask) ** 2).sum().div(mask.sum()).sqrt()
+            advantages = (advantages - mean) / (std + 1e-8) * mask
+        return penalty, advantages, returns
+
     def train_step(self) -> dict[str, float]:
         c = self.config
         watch = Stopwatch()
-        prompts = self._step_prompts()
-        rollout = self._rollout(prompts)
+        rollout = self._rollout(self._step_prompts())
         seq, attn, P = rollout.sequences, rollout.attention_mask, rollout.prompt_length
         mask = rollout.response_mask.float()
+        restrict = self.allowed_token_ids
+        # With one pass over one minibatch, the old log-probs are the current ones, detached:
+        # the policy's forward pass then serves both the rewards and the gradient.
+        fused = c.ppo_epochs == 1 and c.minibatches == 1
 
         with torch.no_grad():
-            reward = self.reward_fn(rollout.prompts, rollout.responses).to(self.device).float()
-            raw_reward = reward
-            if c.reward_clip is not None:
-                reward = reward.clamp(-c.reward_clip, c.reward_clip)
-            ref_logp = None
-            if self.ref is not None:
-                ref_logp, _ = token_logprobs(
-                    self.ref, seq, attn, P, allowed_token_ids=self.allowed_token_ids
-                )
-            fused = c.ppo_epochs == 1 and c.minibatches == 1
-            old_logp = old_values = None
+            raw_reward = self.reward_fn(rollout.prompts, rollout.responses).to(self.device).float()
+            reward = (
+                raw_reward
+                if c.reward_clip is None
+                else raw_reward.clamp(-c.reward_clip, c.reward_clip)
+            )
+            ref_logp = (
+                token_logprobs(self.ref, seq, attn, P, allowed_token_ids=restrict)[0]
+                if self.ref is not None
+                else None
+            )
+            old_logp = old_values = penalty = advantages = returns = None
             if not fused:
-                old_logp, _ = token_logprobs(
-                    self.policy, seq, attn, P, allowed_token_ids=self.allowed_token_ids
+                old_logp = token_logprobs(self.policy, seq, attn, P, allowed_token_ids=restrict)[0]
+                old_values = self.critic(seq, attn, P) if self.critic is not None else None
+                penalty, advantages, returns = self._shape(
+                    old_logp, ref_logp, mask, reward, old_values
                 )
-                if self.critic is not None:
-                    old_values = self.critic(seq, attn, P)
 
         n = seq.shape[0]
         stats: dict[str, list[float]] = {
@@ -229,7 +258,6 @@ class RLTrainer:
             "clip_fraction": [],
             "entropy": [],
         }
-        token_rewards = advantages = returns = None
         for _epoch in range(c.ppo_epochs):
             order = torch.randperm(n) if c.minibatches > 1 else torch.arange(n)
             for chunk in order.chunk(c.minibatches):
@@ -240,26 +268,16 @@ class RLTrainer:
                     attn[idx],
                     P,
                     with_entropy=True,
-                    allowed_token_ids=self.allowed_token_ids,
+                    allowed_token_ids=restrict,
                 )
                 values = self.critic(seq[idx], attn[idx], P) if self.critic is not None else None
-                if token_rewards is None:
-                    # The shaped rewards and advantages are computed once per batch, from the
-                    # detached log-probs of the rollout policy (spec §5, sampled estimator).
-                    if fused:
-                        old_logp = logp.detach()
-                        old_values = values.detach() if values is not None else None
-                    assert old_logp is not None
-                    penalty = self.regularizer.penalty(old_logp, ref_logp, mask)
-                    token_rewards = -c.beta * penalty
-                    last = (mask.sum(-1).long() - 1).clamp_min(0)
-                    token_rewards[torch.arange(n, device=seq.device), last] += reward
-                    advantages, returns = self._advantages(token_rewards, mask, old_values)
-                    if c.normalize_advantages:
-                        mean = (advantages * mask).sum() / mask.sum()
-                        std = (((advantages - mean) * mask) ** 2).sum().div(mask.sum()).sqrt()
-                        advantages = (advantages - mean) / (std + 1e-8) * mask
-                assert advantages is not None and old_logp is not None
+                if fused:
+                    old_logp = logp.detach()
+                    old_values = values.detach() if values is not None else None
+                    penalty, advantages, returns = self._shape(
+                        old_logp, ref_logp, mask, reward, old_values
+                    )
+                assert old_logp is not None and advantages is not None and entropy is not None
                 m = mask[idx]
                 policy_loss, clip_fraction = clipped_policy_loss(
                     logp, old_logp[idx], advantages[idx], m, c.clip, c.loss_aggregation
@@ -279,19 +297,16 @@ class RLTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 stats["policy_loss"].append(float(policy_loss.detach()))
                 stats["clip_fraction"].append(float(clip_fraction))
-                assert entropy is not None
                 stats["entropy"].append(float(aggregate(entropy, m, "token-mean")))
         self.scheduler.step()
         self.step += 1
 
-        assert old_logp is not None
+        assert old_logp is not None and penalty is not None
         seconds = watch.seconds()
         metrics: dict[str, float] = {
             "step": self.step,
             "reward_mean": float(raw_reward.mean()),
-            "penalty_mean": float(
-                self.regularizer.penalty(old_logp, ref_logp, mask).sum(-1).mean()
-            ),
+            "penalty_mean": float(penalty.sum(-1).mean()),
             "logp_mean": float((old_logp * mask).sum(-1).mean()),
             "entropy": _mean(stats["entropy"]),
             "response_length": float(mask.sum(-1).mean()),
