@@ -100,6 +100,33 @@ def test_ppo_with_a_reward_model_folder_starts_the_critic_from_it(tiny_model_dir
     assert "value_loss" in read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state; a run with another precision needs a fresh one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bf16_mixed_precision_keeps_trained_weights_in_fp32(
+    tiny_model_dir, tmp_path, fresh_accelerate_state
+):
+    config = make_config(
+        tiny_model_dir, tmp_path, algo="ppo", regularizer="cpm", alpha=0.2, dtype="bf16"
+    )
+    trainer = RLTrainer(config, prompts=PROMPTS)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert {p.dtype for p in trainer.policy.parameters()} == {torch.float32}
+    assert {p.dtype for p in trainer.critic.parameters()} == {torch.float32}
+    assert {p.dtype for p in trainer.ref.parameters()} == {torch.bfloat16}
+    before = flat_params(trainer.policy)
+    trainer.train()
+    assert not torch.equal(before, flat_params(trainer.policy))
+    assert all(math.isfinite(r["policy_loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl"))
+
+
 def test_pm_run_loads_no_reference_model(tiny_model_dir, tmp_path, monkeypatch):
     loaded = []
     real = lora.load_policy_model

@@ -111,8 +111,10 @@ class RLConfig:
     max_grad_norm: float = option(1.0, help="gradient-norm clip (0 = off)")
     dtype: str = option(
         "auto",
-        help="model weights dtype: auto (bf16 on GPU, fp32 on CPU), fp32 or bf16",
-        choices=["auto", "fp32", "bf16"],
+        help="compute precision: auto (bf16 on a GPU that supports it, else fp32), fp32, bf16 or "
+        "fp16; trained weights and optimizer state stay fp32 (mixed precision), the frozen "
+        "reference and reward models are held in this dtype",
+        choices=["auto", "fp32", "bf16", "fp16"],
     )
     seed: int = option(0, help="random seed")
     # output

@@ -33,7 +33,6 @@ from pmrlhf.runtime import (
     atomic_directory,
     commit_directory,
     fresh_temp_directory,
-    resolve_dtype,
     set_seed,
 )
 
@@ -76,9 +75,18 @@ class RLTrainer:
         config.validate()
         config.warn_pm_safety()
         self.config = config
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        from pmrlhf.training import mixed_precision
+
+        self.accelerator = accelerator or Accelerator(
+            cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(config.dtype)
+        )
         self.device = self.accelerator.device
-        self.dtype = resolve_dtype(config.dtype, self.device)
+        # Trained models keep fp32 weights and optimizer state, computing under autocast, so
+        # that small updates (lr 1e-6 in the paper) are not rounded away; the frozen reference
+        # and reward models are held directly in the compute dtype.
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            str(self.accelerator.mixed_precision), torch.float32
+        )
         self.allowed_token_ids = allowed_token_ids
         self.regularizer = make_regularizer(config.regularizer, config.beta, config.alpha)
         set_seed(config.seed)
@@ -96,7 +104,7 @@ class RLTrainer:
         c = self.config
         assert c.policy is not None and c.reward is not None
         self.tokenizer = load_tokenizer(c.policy, padding_side="left")
-        policy = lora.load_policy_model(c.policy, dtype=self.dtype)
+        policy = lora.load_policy_model(c.policy, dtype=torch.float32)
         policy.generation_config.pad_token_id = self.tokenizer.pad_token_id
         self.ref = None
         if self.regularizer.needs_ref:
@@ -117,7 +125,7 @@ class RLTrainer:
                 init = "reward" if is_model_reward(c.reward) and reward_fn is None else "policy"
             critic = ValueModel(
                 lora.load_scoring_model(
-                    c.reward if init == "reward" else c.policy, dtype=self.dtype
+                    c.reward if init == "reward" else c.policy, dtype=torch.float32
                 )
             )
             params.append({"params": list(critic.parameters()), "lr": c.critic_lr})
