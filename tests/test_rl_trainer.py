@@ -125,6 +125,12 @@ def test_bf16_mixed_precision_keeps_trained_weights_in_fp32(
     trainer.train()
     assert not torch.equal(before, flat_params(trainer.policy))
     assert all(math.isfinite(r["policy_loss"]) for r in read_jsonl(tmp_path / "metrics.jsonl"))
+    # rollouts came from a bf16 copy holding the latest trained weights
+    rollout_copy = trainer._generation_model()
+    assert {p.dtype for p in rollout_copy.parameters()} == {torch.bfloat16}
+    torch.testing.assert_close(
+        flat_params(rollout_copy).float(), flat_params(trainer.policy).bfloat16().float()
+    )
 
 
 def test_pm_run_loads_no_reference_model(tiny_model_dir, tmp_path, monkeypatch):

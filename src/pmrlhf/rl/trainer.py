@@ -88,6 +88,7 @@ class RLTrainer:
             str(self.accelerator.mixed_precision), torch.float32
         )
         self.allowed_token_ids = allowed_token_ids
+        self._rollout_copy = None
         self.regularizer = make_regularizer(config.regularizer, config.beta, config.alpha)
         set_seed(config.seed)
         self._load_models(reward_fn)
@@ -165,12 +166,40 @@ class RLTrainer:
         index = torch.randint(len(self.prompts), (c.prompts_per_step,), generator=generator)
         return [self.prompts[i] for i in index.tolist() for _ in range(c.samples_per_prompt)]
 
+    def _generation_model(self):
+        """The model rollouts are sampled from.
+
+        Without mixed precision it is the policy itself. Under bf16/fp16 mixed precision on a
+        single device or DDP, it is a copy of the policy held in the compute dtype and refreshed
+        from the fp32 weights before every rollout: decoding then runs in pure bf16 with a static
+        cache, which autocast over fp32 weights cannot use.
+        """
+        from accelerate.utils import DistributedType
+
+        policy = self.accelerator.unwrap_model(self.policy)
+        plain = self.accelerator.distributed_type in (DistributedType.NO, DistributedType.MULTI_GPU)
+        if self.dtype == torch.float32 or not plain:
+            return policy
+        if self._rollout_copy is None:
+            from pmrlhf import lora
+
+            assert self.config.policy is not None
+            copy = lora.load_policy_model(self.config.policy, dtype=self.dtype, device=self.device)
+            self._rollout_copy = copy.eval().requires_grad_(False)
+        with torch.no_grad():
+            targets = dict(self._rollout_copy.named_parameters())
+            for name, param in policy.named_parameters():
+                targets[name].copy_(param)
+        return self._rollout_copy
+
     def _rollout(self, prompts: list[str]) -> Rollout:
         c = self.config
+        model = self._generation_model()
         cache = c.cache_implementation
-        if cache is None and self.device.type == "cuda":
-            cache = "static"
-        model = self.accelerator.unwrap_model(self.policy)
+        own_dtype = next(model.parameters()).dtype == self.dtype
+        if cache is None and self.device.type == "cuda" and own_dtype:
+            cache = "static"  # fastest HF decoding; needs weights in the compute dtype
+        was_training = model.training
         model.eval()
         rollout = generate(
             model,
@@ -184,7 +213,7 @@ class RLTrainer:
             cache_implementation=cache,
             allowed_token_ids=self.allowed_token_ids,
         )
-        model.train()
+        model.train(was_training)
         return rollout
 
     def _advantages(
