@@ -132,7 +132,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(str(sft_dir))
     ref = load_causal_lm(str(sft_dir)).eval()
     eval_prompts = world.eval_prompts()
-    alpha_check = alpha_evidence(ref, tokenizer, world, world.train_prompts(), config.cpm_alpha)
+    alpha_check = alpha_evidence(
+        ref, tokenizer, world, world.train_prompts(), config.cpm_alpha, config.max_new_tokens
+    )
     _log(alpha_check["summary"], config.quiet)
     policies = {"sft": sft_dir}
     histories: dict[str, list[dict[str, float]]] = {}
@@ -169,7 +171,13 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
 @torch.no_grad()
 def alpha_evidence(
-    ref, tokenizer, world, prompts: list[str], alpha: float, samples: int = 200
+    ref,
+    tokenizer,
+    world,
+    prompts: list[str],
+    alpha: float,
+    max_new_tokens: int,
+    samples: int = 200,
 ) -> dict[str, Any]:
     """Where α sits between the SFT model's probabilities of valid-answer tokens and of its slips.
 
@@ -179,23 +187,15 @@ def alpha_evidence(
     any valid-answer token (teacher forcing), and for each invalid SFT sample the probability of
     its least likely token.
     """
+    from pmrlhf.evaluate import valid_sequence_logprobs
     from pmrlhf.rl.rollout import generate, token_logprobs
 
     lowest_valid = 1.0
     for prompt in prompts:
-        prompt_ids = tokenizer(prompt).input_ids
-        for _, text in world.valid_sequences(prompt):
-            ids = (
-                prompt_ids
-                + tokenizer(text, add_special_tokens=False).input_ids
-                + [tokenizer.eos_token_id]
-            )
-            sequence = torch.tensor([ids])
-            logp, _ = token_logprobs(ref, sequence, torch.ones_like(sequence), len(prompt_ids))
-            lowest_valid = min(lowest_valid, float(logp.exp().min()))
-    rollout = generate(
-        ref, tokenizer, [p for p in prompts for _ in range(samples // len(prompts) + 1)], 12
-    )
+        logp, mask = valid_sequence_logprobs(ref, tokenizer, world, prompt)
+        lowest_valid = min(lowest_valid, float(logp.exp()[mask.bool()].min()))
+    jobs = [p for p in prompts for _ in range(samples // len(prompts) + 1)]
+    rollout = generate(ref, tokenizer, jobs, max_new_tokens)
     logp, _ = token_logprobs(ref, rollout.sequences, rollout.attention_mask, rollout.prompt_length)
     slips = sorted(
         float(logp[i][rollout.response_mask[i].bool()].exp().min())

@@ -17,16 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pmrlhf.metrics import pmd, total_variation
+from pmrlhf.rl.rewards import RewardFn
 from pmrlhf.rl.rollout import generate, token_logprobs
-
-RewardFn = Callable[[Sequence[str], Sequence[str]], torch.Tensor]
 
 
 def distinct_n(texts: Sequence[str], n: int) -> float:
@@ -142,17 +141,18 @@ def general_metrics(samples: list[dict[str, Any]]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def exact_answer_distribution(policy, tokenizer, world, prompt: str) -> torch.Tensor:
-    """The policy's exact probability of each answer (+ "invalid" = the rest), by teacher forcing.
+@torch.no_grad()
+def valid_sequence_logprobs(
+    policy, tokenizer, world, prompt: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs of every valid response of ``prompt`` (each ending in EOS).
 
-    An answer's probability is the sum over its valid surface forms y of π(y, EOS | x), each a
-    full-softmax product over the response tokens.
+    Returns ``(logp, mask)`` of shape (n_valid, T), rows aligned with ``world.valid_sequences``.
     """
-    valid = world.valid_sequences(prompt)
     prompt_ids = tokenizer(prompt, add_special_tokens=True).input_ids
     responses = [
         [*tokenizer(text, add_special_tokens=False).input_ids, tokenizer.eos_token_id]
-        for _, text in valid
+        for _, text in world.valid_sequences(prompt)
     ]
     width = max(len(r) for r in responses)
     device = next(policy.parameters()).device
@@ -165,9 +165,19 @@ def exact_answer_distribution(policy, tokenizer, world, prompt: str) -> torch.Te
         device=device,
     )
     logp, _ = token_logprobs(policy, sequences, attention, len(prompt_ids))
-    sequence_probs = ((logp * attention[:, len(prompt_ids) :]).sum(-1)).exp().double().cpu()
+    return logp, attention[:, len(prompt_ids) :]
+
+
+def exact_answer_distribution(policy, tokenizer, world, prompt: str) -> torch.Tensor:
+    """The policy's exact probability of each answer (+ "invalid" = the rest), by teacher forcing.
+
+    An answer's probability is the sum over its valid surface forms y of π(y, EOS | x), each a
+    full-softmax product over the response tokens.
+    """
+    logp, mask = valid_sequence_logprobs(policy, tokenizer, world, prompt)
+    sequence_probs = (logp * mask).sum(-1).exp().double().cpu()
     answers = torch.zeros(len(world.answers(prompt)) + 1, dtype=torch.float64)
-    for (answer, _), prob in zip(valid, sequence_probs, strict=True):
+    for (answer, _), prob in zip(world.valid_sequences(prompt), sequence_probs, strict=True):
         answers[answer] += prob
     answers[-1] = (1.0 - answers[:-1].sum()).clamp_min(0.0)
     return answers
