@@ -52,7 +52,7 @@ class PromptSamples:
 
 @dataclass
 class AnswerDistribution:
-    """One prompt of an enumerable world: answer shares, each followed by "invalid" last.
+    """One prompt of an enumerable world: distributions over its answers, "invalid" last.
 
     ``distribution`` is the sampled one, ``target`` the reward model's softmax(r) and
     ``truth`` the hidden shares; ``exact_distribution`` the policy's teacher-forced one.
@@ -216,13 +216,10 @@ def general_metrics(samples: list[PromptSamples]) -> dict[str, float]:
         "distinct_1": distinct_n(texts, 1),
         "distinct_2": distinct_n(texts, 2),
     }
-    ref_logps = [s.ref_logp for s in samples if s.ref_logp is not None]
-    if samples and len(ref_logps) == len(samples):
+    log_ratios = [s.logp - s.ref_logp for s in samples if s.ref_logp is not None]
+    if samples and len(log_ratios) == len(samples):
         # Monte-Carlo estimate of KL(π ‖ π_ref) over whole responses.
-        logps = [s.logp for s in samples]
-        metrics["kl_to_ref"] = float(
-            torch.cat([lp - ref for lp, ref in zip(logps, ref_logps, strict=True)]).mean()
-        )
+        metrics["kl_to_ref"] = float(torch.cat(log_ratios).mean())
     return metrics
 
 
