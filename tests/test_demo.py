@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from pmrlhf.cli import main
+from pmrlhf.evaluate import AnswerDistribution
+from pmrlhf.report import DemoResults, format_table, write_report
 
 METRIC_KEYS = {
     "tv_to_target",
@@ -38,6 +42,14 @@ def test_metrics_schema(demo_run):
         assert 0.0 <= row["invalid_rate"] <= 1.0 and 0.0 <= row["tv_to_target"] <= 1.0
     assert set(metrics["pmd_improvement"]) == {"pm", "cpm"}
     assert isinstance(metrics["seconds"], float) and metrics["seconds"] > 0
+    alpha = metrics["cpm_alpha_check"]
+    assert set(alpha) == {"alpha", "lowest_valid_token_probability", "invalid_samples",
+                          "invalid_slip_probability_q90", "separated", "summary"}  # fmt: skip
+    assert alpha["alpha"] == 0.05 and alpha["summary"].startswith("cpm α=0.05")
+    for rows in metrics["per_prompt"].values():
+        assert [set(r) for r in rows] == [
+            {"prompt", "family", "answers", "distribution", "target", "truth", "exact_distribution"}
+        ] * 6
 
 
 def test_files_written(demo_run):
@@ -73,3 +85,39 @@ def test_direction_of_effects(demo_run):
     )
     assert m["cpm"]["invalid_rate"] <= m["sft"]["invalid_rate"] + 0.02
     assert metrics["pmd_improvement"]["cpm"] > 0
+
+
+def results(**methods) -> DemoResults:
+    return DemoResults(
+        methods=methods, pmd_improvement={"cpm": 0.5}, seconds=12.0, version="0.0",
+        alpha_summary="cpm α=0.05: example", seed=7, rl_algo="rloo", rl_steps=10,
+        prompts_per_step=2, samples_per_prompt=4, eval_samples=50, kl_beta=0.1, pm_beta=1.0,
+        cpm_beta=1.0, cpm_alpha=0.05,
+    )  # fmt: skip
+
+
+def test_report_is_written_from_results_alone(tmp_path):
+    """report.py needs only a DemoResults and per-prompt distributions, not the demo's config."""
+    row = {"tv_to_target": 0.25, "pmd": 0.5, "invalid_rate": 0.0, "target_minority_mass": 0.4}
+    res = results(kl={**row, "pmd": 1.0}, cpm=row)
+    table = format_table(res)
+    assert table.splitlines()[1].split()[:3] == ["kl", "0.250", "nan"]  # no tv_valid: nan
+    assert (
+        table.splitlines()[2].startswith("cpm")
+        and "cpm +50%" in table
+        and "wall time: 12 s" in table
+    )
+    dist = AnswerDistribution("q", "season", ["a", "b"], [0.5, 0.3, 0.2], [0.6, 0.4, 0.0],
+                              [0.55, 0.45, 0.0])  # fmt: skip
+    written = write_report(res, {"kl": [dist], "cpm": [dist]}, {}, tmp_path)
+    assert written == table
+    report = (tmp_path / "report.md").read_text()
+    assert "seed 7; 10 RL steps" in report and table in report
+    assert "**Why α = 0.05**: cpm α=0.05: example." in report
+    assert "training_curves" not in report  # no histories, no training-curve plot
+    assert (tmp_path / "preference_histograms.png").stat().st_size > 1000
+
+
+def test_report_does_not_import_the_demo():
+    code = "import sys, pmrlhf.report; sys.exit('pmrlhf.demo' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -10,7 +10,15 @@ import torch
 
 from pmrlhf import models
 from pmrlhf.cli import main
-from pmrlhf.evaluate import distinct_n, evaluate_policy, exact_answer_distribution, pmd_from_samples
+from pmrlhf.evaluate import (
+    PromptSamples,
+    alpha_evidence,
+    distinct_n,
+    evaluate_policy,
+    exact_answer_distribution,
+    pmd_from_samples,
+    valid_sequence_logprobs,
+)
 from pmrlhf.world import default_world
 
 REWARD_SPEC = f"{Path(__file__).parent / 'scripts' / 'reward_fns.py'}:likes_tea"
@@ -24,21 +32,21 @@ def test_distinct_n():
 
 def test_pmd_from_samples_pairs_consecutive_samples():
     samples = [
-        {"texts": ["a", "b", "c", "d"], "rewards": torch.tensor([1.0, 0.0, 2.0, 2.0]),
-         "logp": torch.tensor([-1.0, -2.0, -3.0, -1.0])},
+        PromptSamples("q", ["a", "b", "c", "d"], rewards=torch.tensor([1.0, 0.0, 2.0, 2.0]),
+                      logp=torch.tensor([-1.0, -2.0, -3.0, -1.0]), entropy=torch.zeros(4)),
     ]  # fmt: skip
     # pairs (a,b): (1-0) - (-1+2) = 0 ; (c,d): 0 - (-3+1) = 2  ->  mean of [0, 4] = 2
     assert pmd_from_samples(samples) == pytest.approx(2.0)
 
 
-def test_exact_answer_distribution_is_a_distribution_and_matches_sampling(tmp_path):
-    """Teacher-forced answer probabilities agree with the frequencies of sampled answers."""
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A tiny model after a few SFT steps on the valid answers of one held-out prompt."""
     world = default_world()
-    model_dir = models.build_tiny_model(tmp_path / "m", world.vocabulary(), seed=3)
+    model_dir = models.build_tiny_model(tmp_path_factory.mktemp("m"), world.vocabulary(), seed=3)
     tokenizer = models.load_tokenizer(str(model_dir))
     policy = models.load_causal_lm(str(model_dir)).eval()
     prompt = world.eval_prompts()[0]
-    # Make valid answers likely: a few SFT steps on this prompt's valid answers.
     optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
     texts = [f"{prompt} {text}{tokenizer.eos_token}" for _, text in world.valid_sequences(prompt)]
     batch = tokenizer(texts, return_tensors="pt", padding=True)
@@ -48,7 +56,12 @@ def test_exact_answer_distribution_is_a_distribution_and_matches_sampling(tmp_pa
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    policy.eval()
+    return world, tokenizer, policy.eval(), prompt
+
+
+def test_exact_answer_distribution_is_a_distribution_and_matches_sampling(fitted):
+    """Teacher-forced answer probabilities agree with the frequencies of sampled answers."""
+    world, tokenizer, policy, prompt = fitted
     exact = exact_answer_distribution(policy, tokenizer, world, prompt)
     assert exact.shape == (len(world.answers(prompt)) + 1,)
     assert float(exact.sum()) == pytest.approx(1.0) and (exact >= 0).all()
@@ -59,8 +72,38 @@ def test_exact_answer_distribution_is_a_distribution_and_matches_sampling(tmp_pa
 
     metrics = evaluate_policy(policy, tokenizer, zero_reward, [prompt], n_samples=2000,
                               max_new_tokens=12, world=world, seed=0)  # fmt: skip
-    sampled = torch.tensor(metrics["per_prompt"][0]["distribution"], dtype=torch.float64)
+    assert metrics.world is not None
+    row = metrics.world.per_prompt[0]
+    sampled = torch.tensor(row.distribution, dtype=torch.float64)
     assert float((sampled - exact).abs().max()) < 0.04  # 2000 samples: a few standard errors
+    assert row.exact_distribution == exact.tolist()
+    saved = metrics.to_dict()
+    assert saved["per_prompt"][0]["distribution"] == row.distribution
+    assert saved["exact"]["invalid_rate"] == pytest.approx(float(exact[-1]))
+    assert saved["tv_to_target"] == metrics.metrics["tv_to_target"]
+
+
+def test_alpha_evidence_places_alpha_between_answers_and_slips(fitted):
+    world, tokenizer, policy, prompt = fitted
+    logp, mask = valid_sequence_logprobs(policy, tokenizer, world, prompt)
+    lowest = float(logp.exp()[mask.bool()].min())
+    torch.manual_seed(0)
+    low = alpha_evidence(policy, tokenizer, world, [prompt], alpha=1e-6, max_new_tokens=12,
+                         samples=100)  # fmt: skip
+    assert low.lowest_valid_token_probability == pytest.approx(lowest)
+    assert 0 < low.invalid_samples <= 101  # the fitted model still slips on some samples
+    q90 = low.invalid_slip_probability_q90
+    assert 0 < q90 < lowest
+    between = (q90 + lowest) / 2
+    torch.manual_seed(0)
+    mid = alpha_evidence(policy, tokenizer, world, [prompt], alpha=between, max_new_tokens=12,
+                         samples=100)  # fmt: skip
+    assert mid.separated and "(α separates them)" in mid.summary
+    assert mid.invalid_slip_probability_q90 == q90  # same seed, same samples
+    too_high = alpha_evidence(policy, tokenizer, world, [prompt], alpha=min(1.0, 2 * lowest),
+                              max_new_tokens=12, samples=100)  # fmt: skip
+    assert not too_high.separated and "does NOT separate" in too_high.summary
+    assert mid.to_dict()["summary"] == mid.summary
 
 
 def test_eval_cli_on_plain_prompts(tiny_model_dir, tmp_path, capsys):
@@ -76,6 +119,23 @@ def test_eval_cli_on_plain_prompts(tiny_model_dir, tmp_path, capsys):
         assert key in printed and key in saved
     assert printed["kl_to_ref"] == pytest.approx(0.0, abs=1e-5)  # policy = reference
     assert "tv_to_target" not in printed  # real data: no enumerable answers
+
+
+def test_eval_cli_with_a_world_file(tiny_model_dir, tmp_path, capsys):
+    files = default_world().write_files(tmp_path / "data", n_pairs=0, n_rankings=0, n_sft=0)
+    out = tmp_path / "eval.json"
+    args = ["eval", "--policy", str(tiny_model_dir), "--reward", REWARD_SPEC,
+            "--prompts", str(files["prompts_eval"]), "--world", str(files["world"]),
+            "--samples", "8", "--max-new-tokens", "5", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert 0.0 <= printed["tv_to_target"] <= 1.0 and 0.0 <= printed["invalid_rate"] <= 1.0
+    saved = json.loads(out.read_text())
+    assert [row["prompt"] for row in saved["per_prompt"]] == default_world().eval_prompts()
+    assert all(len(row["exact_distribution"]) == 4 for row in saved["per_prompt"])
+    args[args.index("--world") + 1] = str(tmp_path / "missing.json")
+    assert main(args) == 2
+    assert "missing.json" in capsys.readouterr().err
 
 
 def test_eval_cli_rejects_missing_prompt_file(tiny_model_dir, tmp_path, capsys):

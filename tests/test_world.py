@@ -6,20 +6,24 @@ import json
 import math
 import re
 from collections import Counter
+from dataclasses import replace
+from importlib import resources
 
 import pytest
 
 from pmrlhf.world import (
-    DEFAULT_FAMILIES,
     AnswerSpec,
     FamilySpec,
     World,
     WorldConfig,
     default_world,
+    default_world_config,
     load_world,
     normalize,
-    write_files,
+    world_config_from_dict,
 )
+
+DEFAULT_FAMILIES = default_world_config().families
 
 
 @pytest.fixture(scope="module")
@@ -393,7 +397,7 @@ FILES = {
 
 
 def test_written_files_have_the_documented_columns(tmp_path, world: World) -> None:
-    paths = write_files(tmp_path, n_pairs=300, n_rankings=200, n_sft=250, seed=4)
+    paths = default_world().write_files(tmp_path, n_pairs=300, n_rankings=200, n_sft=250, seed=4)
     assert set(paths) == {*FILES, "world"}
     for name, columns in FILES.items():
         assert paths[name] == tmp_path / f"{name}.jsonl"
@@ -494,11 +498,106 @@ def test_invalid_definitions_are_rejected() -> None:
             families=(season, one_family(name="copy", answers=DEFAULT_FAMILIES[1].answers))
         ),
         WorldConfig(families=(season, season)),
-        WorldConfig(n_paraphrases=4),
-        WorldConfig(n_answers=7),
-        WorldConfig(n_eval_wordings=len(season.wordings)),
-        WorldConfig(n_eval_wordings=0),
+        replace(default_world_config(), n_paraphrases=4),
+        replace(default_world_config(), n_answers=7),
+        replace(default_world_config(), n_eval_wordings=len(season.wordings)),
+        replace(default_world_config(), n_eval_wordings=0),
     ]:
         with pytest.raises(ValueError):
             World(bad)
     World(WorldConfig(families=(one_family(shares=((0.5, 0.3, 0.2),)),)))
+
+
+# --------------------------------------------------------------------------- world files
+def packaged_default() -> dict:
+    resource = resources.files("pmrlhf") / "worlds" / "default.json"
+    return json.loads(resource.read_text(encoding="utf-8"))
+
+
+def test_default_world_is_the_packaged_world_file(tmp_path) -> None:
+    data = packaged_default()
+    assert [f["name"] for f in data["families"]] == [f.name for f in default_world().families]
+    path = tmp_path / "default.json"
+    path.write_text(json.dumps(data))
+    assert load_world(path).describe() == default_world().describe()
+    # Settings in the file are the defaults; default_world overrides only what it is given.
+    data["n_answers"] = 4
+    path.write_text(json.dumps(data))
+    assert load_world(path).describe() == default_world(n_answers=4).describe()
+    assert default_world(n_paraphrases=3).config.n_answers == packaged_default()["n_answers"]
+
+
+def user_world(**top) -> dict:
+    """A small hand-written world file: one family, shares per family for 2 and 3 answers."""
+    return {
+        "families": [
+            {
+                "name": "colour",
+                "train_wordings": ["Which colour do you like ?", "What is your colour ?"],
+                "eval_wordings": ["Which colour is your favourite ?"],
+                "answers": [
+                    {"name": "red", "paraphrases": ["Red .", "I like red ."]},
+                    {"name": "blue", "paraphrases": ["Blue .", "I like blue ."]},
+                    {"name": "green", "paraphrases": ["Green .", "I like green ."]},
+                ],
+                "shares": [[0.7, 0.3], [0.6, 0.25, 0.15]],
+            }
+        ],
+        **top,
+    }
+
+
+def test_user_world_file_with_share_rows_per_answer_count(tmp_path) -> None:
+    path = tmp_path / "colours.json"
+    path.write_text(json.dumps(user_world()))
+    w = load_world(path)  # WorldConfig defaults: 3 answers, 2 paraphrases, 1 held-out wording
+    assert w.eval_prompts() == ["Which colour is your favourite ?"]
+    assert w.truth_shares("Which colour do you like ?") == pytest.approx([0.6, 0.25, 0.15])
+    assert w.classify("Which colour do you like ?", "i like GREEN.") == 2
+    path.write_text(json.dumps(user_world(n_answers=2, n_paraphrases=1, n_eval_wordings=2)))
+    two = load_world(path)
+    assert two.truth_shares("Which colour do you like ?") == pytest.approx([0.7, 0.3])
+    assert two.valid_sequences("What is your colour ?") == [(0, "Red ."), (1, "Blue .")]
+    assert two.train_prompts() == ["Which colour do you like ?"]
+    # world.json written for this world is itself a world file that rebuilds it
+    rebuilt = load_world(two.write_files(tmp_path / "out", 5, 5, 5, ranking_size=2)["world"])
+    assert rebuilt.describe() == two.describe()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.update(n_answer=3), "top level: unknown field(s) ['n_answer']"),
+        (lambda d: d.update(n_answers="3"), "n_answers: must be an integer"),
+        (lambda d: d.update(families=[]), "families: must be a non-empty list"),
+        (lambda d: d["families"][0].pop("eval_wordings"), "families[0]: missing field 'eval_wordings'"),
+        (lambda d: d["families"][0]["answers"][1].pop("paraphrases"),
+         "families[0].answers[1]: missing field 'paraphrases'"),
+        (lambda d: d["families"][0]["answers"][2].update(paraphrases=["Green .", 3]),
+         "families[0].answers[2].paraphrases[1]: must be a non-empty string"),
+        (lambda d: d["families"][0]["answers"][0].update(share=0.5),
+         "families[0]: give shares either per answer ('share') or per family ('shares')"),
+        (lambda d: d["families"][0].pop("shares"),
+         "families[0]: every answer needs a 'share', or the family a 'shares' list"),
+        (lambda d: d["families"][0]["shares"][1].__setitem__(0, True),
+         "families[0].shares[1][0]: must be a number"),
+    ],
+)  # fmt: skip
+def test_malformed_world_files_name_the_file_and_field(tmp_path, change, message) -> None:
+    data = user_world()
+    change(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")):
+        load_world(path)
+
+
+def test_world_file_rules_are_checked_after_parsing(tmp_path) -> None:
+    path = tmp_path / "w.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=re.escape(f"{path}: malformed JSON")):
+        load_world(path)
+    data = user_world()
+    data["families"][0]["shares"] = [[0.4, 0.35, 0.25]]  # no majority of at least 0.5
+    with pytest.raises(ValueError, match="unique majority"):
+        World(world_config_from_dict(data))

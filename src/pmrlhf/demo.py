@@ -18,11 +18,15 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pmrlhf.config import add_config_arguments, config_from_args, option, to_dict
+
+if TYPE_CHECKING:
+    from pmrlhf.evaluate import AlphaEvidence, Evaluation
+    from pmrlhf.rl.rewards import RewardFn
 
 METHODS = ("sft", "kl", "pm", "cpm")
 
@@ -81,7 +85,7 @@ def _log(message: str, quiet: bool) -> None:
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
-    from pmrlhf.evaluate import evaluate_policy
+    from pmrlhf.evaluate import alpha_evidence, evaluate_policy
     from pmrlhf.models import build_tiny_model, load_causal_lm, load_tokenizer
     from pmrlhf.rl.rewards import ModelReward
     from pmrlhf.runtime import read_jsonl, set_seed
@@ -135,7 +139,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     alpha_check = alpha_evidence(
         ref, tokenizer, world, world.train_prompts(), config.cpm_alpha, config.max_new_tokens
     )
-    _log(alpha_check["summary"], config.quiet)
+    _log(alpha_check.summary, config.quiet)
     policies = {"sft": sft_dir}
     histories: dict[str, list[dict[str, float]]] = {}
     for method in ("kl", "pm", "cpm"):
@@ -147,7 +151,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         histories[method] = read_jsonl(out / method / "metrics.jsonl")
         _log(f"RL {method} done ({time.perf_counter() - start:.0f} s)", config.quiet)
 
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, Evaluation] = {}
     for method, path in policies.items():
         if method not in config.methods:
             continue
@@ -167,56 +171,6 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     summary = _write_outputs(config, out, results, histories, rm_eval, seconds, alpha_check)
     _log(f"done in {seconds:.0f} s; report: {out / 'report.md'}", config.quiet)
     return summary
-
-
-@torch.no_grad()
-def alpha_evidence(
-    ref,
-    tokenizer,
-    world,
-    prompts: list[str],
-    alpha: float,
-    max_new_tokens: int,
-    samples: int = 200,
-) -> dict[str, Any]:
-    """Where α sits between the SFT model's probabilities of valid-answer tokens and of its slips.
-
-    cpm treats a token as meaningful when π_ref > α. The threshold does its job when every token
-    of every valid answer is above it and the tokens where the SFT model leaves the valid answers
-    are below it. Both are measured here on the training prompts: the lowest SFT probability of
-    any valid-answer token (teacher forcing), and for each invalid SFT sample the probability of
-    its least likely token.
-    """
-    from pmrlhf.evaluate import valid_sequence_logprobs
-    from pmrlhf.rl.rollout import generate, token_logprobs
-
-    lowest_valid = 1.0
-    for prompt in prompts:
-        logp, mask = valid_sequence_logprobs(ref, tokenizer, world, prompt)
-        lowest_valid = min(lowest_valid, float(logp.exp()[mask.bool()].min()))
-    jobs = [p for p in prompts for _ in range(samples // len(prompts) + 1)]
-    rollout = generate(ref, tokenizer, jobs, max_new_tokens)
-    logp, _ = token_logprobs(ref, rollout.sequences, rollout.attention_mask, rollout.prompt_length)
-    slips = sorted(
-        float(logp[i][rollout.response_mask[i].bool()].exp().min())
-        for i, (p, t) in enumerate(zip(rollout.prompts, rollout.responses, strict=True))
-        if world.classify(p, t) is None
-    )
-    slip_q90 = slips[int(0.9 * (len(slips) - 1))] if slips else float("nan")
-    separated = bool(slips) and slip_q90 < alpha < lowest_valid
-    summary = (
-        f"cpm α={alpha}: lowest SFT probability of a valid-answer token {lowest_valid:.3f}; "
-        f"90% of the SFT model's invalid samples have a token below {slip_q90:.4f}"
-        + (" (α separates them)" if separated else " (α does NOT separate them)")
-    )
-    return {
-        "alpha": alpha,
-        "lowest_valid_token_probability": lowest_valid,
-        "invalid_samples": len(slips),
-        "invalid_slip_probability_q90": slip_q90,
-        "separated": separated,
-        "summary": summary,
-    }
 
 
 def _stage_settings(config: DemoConfig, out: Path) -> dict[str, Any]:
@@ -258,7 +212,7 @@ def _train_rl(
     rm_dir: Path,
     prompts: Path,
     out: Path,
-    reward_fn,
+    reward_fn: RewardFn,
 ) -> Path:
     from pmrlhf.data import load_prompts
     from pmrlhf.rl.config import RLConfig
@@ -291,15 +245,17 @@ def _train_rl(
 
 
 def _write_outputs(
-    config, out: Path, results, histories, rm_eval, seconds: float, alpha_check: dict[str, Any]
+    config: DemoConfig,
+    out: Path,
+    results: dict[str, Evaluation],
+    histories: dict[str, list[dict[str, float]]],
+    rm_eval: dict[str, Any],
+    seconds: float,
+    alpha_check: AlphaEvidence,
 ) -> dict[str, Any]:
     from pmrlhf import __version__
     from pmrlhf.metrics import pmd_improvement
-    from pmrlhf.report import (
-        plot_answer_distributions,
-        plot_preference_histograms,
-        plot_training_curves,
-    )
+    from pmrlhf.report import DemoResults, write_report
 
     keys = (
         "tv_to_target",
@@ -316,129 +272,52 @@ def _write_outputs(
         "distinct_1",
         "distinct_2",
     )
-    methods = {m: {k: float(r[k]) for k in keys if k in r} for m, r in results.items()}
+    methods: dict[str, dict[str, Any]] = {}
     for m, r in results.items():
-        methods[m]["pmd_untruncated"] = float(r["pmd_untruncated"])
-        if "exact" in r:
-            methods[m]["exact"] = r["exact"]  # type: ignore[assignment]
-            methods[m]["tv_valid_from_exact"] = r["tv_valid_from_exact"]
+        methods[m] = {k: float(r.metrics[k]) for k in keys if k in r.metrics}
+        methods[m]["pmd_untruncated"] = float(r.metrics["pmd_untruncated"])
+        if r.world is not None and r.world.exact is not None:
+            methods[m]["exact"] = r.world.exact
+            methods[m]["tv_valid_from_exact"] = r.world.tv_valid_from_exact
     improvement = {}
     if "kl" in methods:
         for m in ("pm", "cpm"):
             if m in methods:
                 improvement[m] = pmd_improvement(methods["kl"]["pmd"], methods[m]["pmd"])
+    per_prompt = {m: r.world.per_prompt for m, r in results.items() if r.world is not None}
     summary = {
         "methods": methods,
         "pmd_improvement": improvement,
         "seconds": seconds,
         "version": __version__,
         "config": to_dict(config),
-        "cpm_alpha_check": alpha_check,
+        "cpm_alpha_check": alpha_check.to_dict(),
         "reward_model_eval": {k: v for k, v in rm_eval.items() if not isinstance(v, (list, dict))},
-        "per_prompt": {m: r["per_prompt"] for m, r in results.items()},
-        "examples": {m: r["examples"] for m, r in results.items()},
+        "per_prompt": {m: [row.to_dict() for row in rows] for m, rows in per_prompt.items()},
+        "examples": {m: r.examples for m, r in results.items()},
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
-    plots = [
-        plot_answer_distributions(results, out / "answer_distributions.png"),
-        plot_preference_histograms(results, out / "preference_histograms.png"),
-    ]
-    if histories:
-        plots.append(plot_training_curves(histories, out / "training_curves.png"))
-    table = format_table(summary)
-    (out / "report.md").write_text(_report_markdown(summary, table, plots, config))
+    report = DemoResults(
+        methods=methods,
+        pmd_improvement=improvement,
+        seconds=seconds,
+        version=__version__,
+        alpha_summary=alpha_check.summary,
+        seed=config.seed,
+        rl_algo=config.rl_algo,
+        rl_steps=config.rl_steps,
+        prompts_per_step=config.prompts_per_step,
+        samples_per_prompt=config.samples_per_prompt,
+        eval_samples=config.eval_samples,
+        kl_beta=config.kl_beta,
+        pm_beta=config.pm_beta,
+        cpm_beta=config.cpm_beta,
+        cpm_alpha=config.cpm_alpha,
+    )
+    table = write_report(report, per_prompt, histories, out)
     if not config.quiet:
         print(table)
     return summary
-
-
-COLUMNS = (
-    ("tv_to_target", "TV→target"),
-    ("tv_valid", "TV valid"),
-    ("tv_to_truth", "TV→truth"),
-    ("minority_mass", "minority"),
-    ("invalid_rate", "invalid"),
-    ("pmd", "PMD"),
-    ("mean_reward", "reward"),
-    ("kl_to_ref", "KL→ref"),
-)
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    methods = summary["methods"]
-    lines = [f"{'method':<7}" + "".join(f"{label:>11}" for _, label in COLUMNS)]
-    for method, row in methods.items():
-        lines.append(
-            f"{method:<7}" + "".join(f"{row.get(key, float('nan')):>11.3f}" for key, _ in COLUMNS)
-        )
-    target_minority = next(iter(methods.values())).get("target_minority_mass")
-    if target_minority is not None:
-        lines.append(f"target minority mass (reward model's softmax(r)): {target_minority:.3f}")
-    if summary["pmd_improvement"]:
-        lines.append(
-            "PMD improvement over kl: "
-            + ", ".join(f"{m} {v:+.0%}" for m, v in summary["pmd_improvement"].items())
-        )
-    lines.append(f"wall time: {summary['seconds']:.0f} s")
-    return "\n".join(lines)
-
-
-def _report_markdown(summary, table: str, plots: list[Path], config: DemoConfig) -> str:
-    methods = summary["methods"]
-
-    def value(method: str, key: str) -> str:
-        return (
-            f"{methods[method][key]:.3f}" if method in methods and key in methods[method] else "n/a"
-        )
-
-    text = f"""# pmrlhf demo report
-
-pmrlhf {summary["version"]}; seed {config.seed}; {config.rl_steps} RL steps per method
-({config.rl_algo}, {config.prompts_per_step} prompts × {config.samples_per_prompt} samples per step);
-{config.eval_samples} samples per held-out prompt for evaluation.
-
-```
-{table}
-```
-
-- **kl (β={config.kl_beta})** is standard RLHF. Its optimum π_ref·exp(r/β) sharpens the reward
-  model's preferences by 1/β, so the majority answer takes almost all the mass: minority mass
-  {value("kl", "minority_mass")} against a target of {value("kl", "target_minority_mass")}. This is
-  preference collapse.
-- **pm (β={config.pm_beta})** regularises with −log π, whose optimum is softmax(r) over *all*
-  token sequences. On text, each token can earn up to log V nats of bonus, far more than the
-  reward differences, and the reward model never saw most sequences: pm drifts into invalid
-  text (invalid rate {value("pm", "invalid_rate")}). That is the reason conditional PM exists.
-- **cpm (β={config.cpm_beta}, α={config.cpm_alpha})** applies the PM term only to tokens the SFT
-  model gives more than α, and the KL term elsewhere. Every token of a valid answer has SFT
-  probability above α, while the SFT model's slips into invalid text sit far below it, so cpm
-  matches the reward model on the valid answers (TV {value("cpm", "tv_to_target")} to the target)
-  and keeps the invalid rate at {value("cpm", "invalid_rate")} (SFT: {value("sft", "invalid_rate")}).
-- **Why α = {config.cpm_alpha}**: {summary["cpm_alpha_check"].get("summary", "")}.
-- **PMD** is the paper's preference matching divergence, over pairs of responses sampled with
-  top-p 0.9 as in the paper (lower is better); `pmd_untruncated` in metrics.json uses plain
-  samples, where rare invalid responses dominate it.
-
-![answer distributions]({plots[0].name})
-
-Each method's share of sampled answers on held-out prompts, per question family. The light grey
-bar is the reward model's target softmax(r) (summed over each answer's paraphrases), the black
-tick the hidden ground truth, and "invalid" is everything that is not a valid answer.
-
-![preference histograms]({plots[1].name})
-
-For every pair of answers of a held-out prompt, the preference the policy implies,
-π(a)/(π(a) + π(b)), against the reward model's, with a the answer the reward model prefers
-(exact answer probabilities by teacher forcing). A preference-matching policy reproduces the
-reward model's histogram; a collapsed one piles up at 1.
-"""
-    if len(plots) > 2:
-        text += f"""
-![training curves]({plots[2].name})
-
-Mean reward, total penalty Σ p_t and token entropy over the RL steps.
-"""
-    return text
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,9 +1,13 @@
-"""Plots and the markdown report of a demo (or any set of evaluated policies)."""
+"""The demo's table, plots and Markdown report (the plots serve any set of evaluated policies)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pmrlhf.evaluate import AnswerDistribution
 
 METHOD_COLORS = {"sft": "tab:gray", "kl": "tab:red", "pm": "tab:orange", "cpm": "tab:blue"}
 
@@ -17,23 +21,26 @@ def _pyplot():
     return plt
 
 
-def plot_answer_distributions(results: dict[str, dict[str, Any]], path: Path) -> Path:
-    """Per prompt family: each method's answer distribution (+ invalid) against the target."""
+def plot_answer_distributions(per_prompt: dict[str, list[AnswerDistribution]], path: Path) -> Path:
+    """Per prompt family: each method's answer distribution (+ invalid) against the target.
+
+    ``per_prompt`` maps each method to its per-prompt distributions, prompts in the same order.
+    """
     plt = _pyplot()
-    first = next(iter(results.values()))
+    first = next(iter(per_prompt.values()))
     families: dict[str, list[int]] = {}
-    for i, row in enumerate(first["per_prompt"]):
-        families.setdefault(row["family"], []).append(i)
-    methods = list(results)
+    for i, row in enumerate(first):
+        families.setdefault(row.family, []).append(i)
+    methods = list(per_prompt)
     cols = min(3, len(families))
     rows_n = -(-len(families) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.4 * rows_n), squeeze=False)
     for ax, (family, rows) in zip(axes.flat, families.items(), strict=False):
-        labels = [*first["per_prompt"][rows[0]]["answers"], "invalid"]
+        labels = [*first[rows[0]].answers, "invalid"]
         width = 0.8 / (len(methods) + 1)
 
         def avg(method: str, key: str, rows=rows) -> list[float]:
-            per = [results[method]["per_prompt"][r][key] for r in rows]
+            per = [getattr(per_prompt[method][r], key) for r in rows]
             return [sum(col) / len(col) for col in zip(*per, strict=True)]
 
         positions = list(range(len(labels)))
@@ -60,7 +67,7 @@ def plot_answer_distributions(results: dict[str, dict[str, Any]], path: Path) ->
     return _save(fig, plt, path)
 
 
-def answer_pair_preferences(per_prompt: list[dict[str, Any]]) -> dict[str, list[float]]:
+def answer_pair_preferences(per_prompt: list[AnswerDistribution]) -> dict[str, list[float]]:
     """For every pair of answers (i, j) of every prompt, oriented so the target prefers i:
     the target's preference t_i/(t_i+t_j) and the policy's p_i/(p_i+p_j).
 
@@ -68,8 +75,9 @@ def answer_pair_preferences(per_prompt: list[dict[str, Any]]) -> dict[str, list[
     """
     target_prefs, policy_prefs = [], []
     for row in per_prompt:
-        target = row["target"][:-1]
-        policy = row.get("exact_distribution", row["distribution"])[:-1]
+        target = row.target[:-1]
+        exact = row.exact_distribution
+        policy = (exact if exact is not None else row.distribution)[:-1]
         for i in range(len(target)):
             for j in range(i + 1, len(target)):
                 a, b = (i, j) if target[i] >= target[j] else (j, i)
@@ -79,15 +87,15 @@ def answer_pair_preferences(per_prompt: list[dict[str, Any]]) -> dict[str, list[
     return {"target": target_prefs, "policy": policy_prefs}
 
 
-def plot_preference_histograms(results: dict[str, dict[str, Any]], path: Path) -> Path:
+def plot_preference_histograms(per_prompt: dict[str, list[AnswerDistribution]], path: Path) -> Path:
     """Histograms of the pairwise preference each policy implies vs the reward model's."""
     plt = _pyplot()
-    methods = list(results)
+    methods = list(per_prompt)
     fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3.2), squeeze=False,
                              sharey=True)  # fmt: skip
     bins = [i / 20 for i in range(21)]
     for ax, method in zip(axes[0], methods, strict=True):
-        prefs = answer_pair_preferences(results[method]["per_prompt"])
+        prefs = answer_pair_preferences(per_prompt[method])
         ax.hist(prefs["target"], bins=bins, alpha=0.45, color="black", label="reward model")
         ax.hist(
             prefs["policy"], bins=bins, alpha=0.6, color=METHOD_COLORS.get(method), label=method
@@ -130,3 +138,138 @@ def _save(fig, plt, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# --------------------------------------------------------------------------- the demo's report
+@dataclass(frozen=True)
+class DemoResults:
+    """What the demo's table and report show: per-method metrics and the run's settings.
+
+    ``methods`` maps each method to its metrics (``metrics.json``'s ``methods``);
+    ``pmd_improvement`` maps pm/cpm to their relative PMD improvement over kl.
+    """
+
+    methods: dict[str, dict[str, Any]]
+    pmd_improvement: dict[str, float]
+    seconds: float
+    version: str
+    alpha_summary: str
+    seed: int
+    rl_algo: str
+    rl_steps: int
+    prompts_per_step: int
+    samples_per_prompt: int
+    eval_samples: int
+    kl_beta: float
+    pm_beta: float
+    cpm_beta: float
+    cpm_alpha: float
+
+
+COLUMNS = (
+    ("tv_to_target", "TV→target"),
+    ("tv_valid", "TV valid"),
+    ("tv_to_truth", "TV→truth"),
+    ("minority_mass", "minority"),
+    ("invalid_rate", "invalid"),
+    ("pmd", "PMD"),
+    ("mean_reward", "reward"),
+    ("kl_to_ref", "KL→ref"),
+)
+
+
+def format_table(results: DemoResults) -> str:
+    """The demo's console table: one row per method, then the target and PMD improvement."""
+    methods = results.methods
+    lines = [f"{'method':<7}" + "".join(f"{label:>11}" for _, label in COLUMNS)]
+    for method, row in methods.items():
+        lines.append(
+            f"{method:<7}" + "".join(f"{row.get(key, float('nan')):>11.3f}" for key, _ in COLUMNS)
+        )
+    target_minority = next(iter(methods.values())).get("target_minority_mass")
+    if target_minority is not None:
+        lines.append(f"target minority mass (reward model's softmax(r)): {target_minority:.3f}")
+    if results.pmd_improvement:
+        lines.append(
+            "PMD improvement over kl: "
+            + ", ".join(f"{m} {v:+.0%}" for m, v in results.pmd_improvement.items())
+        )
+    lines.append(f"wall time: {results.seconds:.0f} s")
+    return "\n".join(lines)
+
+
+def report_markdown(results: DemoResults, table: str, plots: list[Path]) -> str:
+    """``report.md``: the table, what each method does, and the plots with their captions."""
+    methods = results.methods
+
+    def value(method: str, key: str) -> str:
+        return (
+            f"{methods[method][key]:.3f}" if method in methods and key in methods[method] else "n/a"
+        )
+
+    text = f"""# pmrlhf demo report
+
+pmrlhf {results.version}; seed {results.seed}; {results.rl_steps} RL steps per method
+({results.rl_algo}, {results.prompts_per_step} prompts × {results.samples_per_prompt} samples per step);
+{results.eval_samples} samples per held-out prompt for evaluation.
+
+```
+{table}
+```
+
+- **kl (β={results.kl_beta})** is standard RLHF. Its optimum π_ref·exp(r/β) sharpens the reward
+  model's preferences by 1/β, so the majority answer takes almost all the mass: minority mass
+  {value("kl", "minority_mass")} against a target of {value("kl", "target_minority_mass")}. This is
+  preference collapse.
+- **pm (β={results.pm_beta})** regularises with −log π, whose optimum is softmax(r) over *all*
+  token sequences. On text, each token can earn up to log V nats of bonus, far more than the
+  reward differences, and the reward model never saw most sequences: pm drifts into invalid
+  text (invalid rate {value("pm", "invalid_rate")}). That is the reason conditional PM exists.
+- **cpm (β={results.cpm_beta}, α={results.cpm_alpha})** applies the PM term only to tokens the SFT
+  model gives more than α, and the KL term elsewhere. Every token of a valid answer has SFT
+  probability above α, while the SFT model's slips into invalid text sit far below it, so cpm
+  matches the reward model on the valid answers (TV {value("cpm", "tv_to_target")} to the target)
+  and keeps the invalid rate at {value("cpm", "invalid_rate")} (SFT: {value("sft", "invalid_rate")}).
+- **Why α = {results.cpm_alpha}**: {results.alpha_summary}.
+- **PMD** is the paper's preference matching divergence, over pairs of responses sampled with
+  top-p 0.9 as in the paper (lower is better); `pmd_untruncated` in metrics.json uses plain
+  samples, where rare invalid responses dominate it.
+
+![answer distributions]({plots[0].name})
+
+Each method's share of sampled answers on held-out prompts, per question family. The light grey
+bar is the reward model's target softmax(r) (summed over each answer's paraphrases), the black
+tick the hidden ground truth, and "invalid" is everything that is not a valid answer.
+
+![preference histograms]({plots[1].name})
+
+For every pair of answers of a held-out prompt, the preference the policy implies,
+π(a)/(π(a) + π(b)), against the reward model's, with a the answer the reward model prefers
+(exact answer probabilities by teacher forcing). A preference-matching policy reproduces the
+reward model's histogram; a collapsed one piles up at 1.
+"""
+    if len(plots) > 2:
+        text += f"""
+![training curves]({plots[2].name})
+
+Mean reward, total penalty Σ p_t and token entropy over the RL steps.
+"""
+    return text
+
+
+def write_report(
+    results: DemoResults,
+    per_prompt: dict[str, list[AnswerDistribution]],
+    histories: dict[str, list[dict[str, float]]],
+    out: Path,
+) -> str:
+    """Draw the plots and write ``report.md`` into ``out``; returns the console table."""
+    plots = [
+        plot_answer_distributions(per_prompt, out / "answer_distributions.png"),
+        plot_preference_histograms(per_prompt, out / "preference_histograms.png"),
+    ]
+    if histories:
+        plots.append(plot_training_curves(histories, out / "training_curves.png"))
+    table = format_table(results)
+    (out / "report.md").write_text(report_markdown(results, table, plots))
+    return table

@@ -18,35 +18,43 @@ distribution is known. This module builds such a world for a tiny word-level lan
   by Plackett–Luce. Demonstrations for SFT are uniform over valid sequences, so the SFT model
   starts with no preference and everything it learns about the majority comes from feedback.
 
+The families are data: the default ones live in the packaged file ``worlds/default.json``,
+and a user's world file has the same schema (docs/data-formats.md, "Preference worlds").
+:func:`load_world` reads such a file, :func:`default_world` the packaged one.
 :meth:`World.write_files` writes ordinary jsonl datasets (the formats :mod:`pmrlhf.data` reads)
-plus ``world.json``, from which :func:`load_world` rebuilds the same world for evaluation.
+plus ``world.json``, itself a world file, from which :func:`load_world` rebuilds the same world.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
+import torch
+
+from pmrlhf.theory import btl_probability
 
 __all__ = [
     "DEFAULT_END_MARKERS",
-    "DEFAULT_FAMILIES",
     "AnswerSpec",
     "Family",
     "FamilySpec",
     "World",
     "WorldConfig",
     "default_world",
+    "default_world_config",
     "load_world",
     "normalize",
-    "write_files",
+    "world_config_from_dict",
 ]
 
 # Same split as the word-level tokenizer in pmrlhf.models: runs of word characters, and every
@@ -101,280 +109,9 @@ class FamilySpec:
         raise ValueError(f"family {self.name!r} defines no shares for {n_answers} answers")
 
 
-def _answer(name: str, *paraphrases: str) -> AnswerSpec:
-    return AnswerSpec(name, tuple(paraphrases))
-
-
-# Every eval wording is built from words that also occur in training wordings or answers, so a
-# tiny model has trained embeddings for all of its tokens and is tested on recombination only.
-DEFAULT_FAMILIES: tuple[FamilySpec, ...] = (
-    FamilySpec(
-        name="season",
-        wordings=(
-            "Which season do you like best ?",
-            "What is your favourite season ?",
-            "Which season do you prefer ?",
-            "What season do you enjoy most ?",
-            "Which season is your favourite ?",
-        ),
-        answers=(
-            _answer(
-                "summer",
-                "I like summer best .",
-                "Summer is my favourite .",
-                "I enjoy summer the most .",
-            ),
-            _answer(
-                "winter",
-                "I like winter best .",
-                "Winter is my favourite .",
-                "I enjoy winter the most .",
-            ),
-            _answer(
-                "spring",
-                "I like spring best .",
-                "Spring is my favourite .",
-                "I enjoy spring the most .",
-            ),
-            _answer(
-                "autumn",
-                "I like autumn best .",
-                "Autumn is my favourite .",
-                "I enjoy autumn the most .",
-            ),
-            _answer(
-                "monsoon",
-                "I like the monsoon best .",
-                "The monsoon is my favourite .",
-                "I enjoy the monsoon the most .",
-            ),
-            _answer(
-                "no preference",
-                "I have no favourite season .",
-                "Every season is fine .",
-                "I like all seasons equally .",
-            ),
-        ),
-        shares=(
-            (0.55, 0.30, 0.15),
-            (0.50, 0.25, 0.15, 0.10),
-            (0.50, 0.15, 0.13, 0.12, 0.10),
-            (0.50, 0.10, 0.10, 0.10, 0.10, 0.10),
-        ),
-    ),
-    FamilySpec(
-        name="drink",
-        wordings=(
-            "Which drink do you prefer ?",
-            "What do you like to drink ?",
-            "What is your favourite drink ?",
-            "What would you like to drink ?",
-            "Which drink would you like ?",
-        ),
-        answers=(
-            _answer("tea", "I prefer tea .", "Tea for me , please .", "A cup of tea ."),
-            _answer("coffee", "I prefer coffee .", "Coffee for me , please .", "A cup of coffee ."),
-            _answer("water", "I prefer water .", "Water for me , please .", "A glass of water ."),
-            _answer(
-                "juice", "I prefer orange juice .", "Juice for me , please .", "A glass of juice ."
-            ),
-            _answer("milk", "I prefer milk .", "Milk for me , please .", "A glass of milk ."),
-            _answer("cocoa", "I prefer hot cocoa .", "Cocoa for me , please .", "A cup of cocoa ."),
-        ),
-        shares=(
-            (0.25, 0.60, 0.15),
-            (0.20, 0.55, 0.15, 0.10),
-            (0.14, 0.50, 0.13, 0.12, 0.11),
-            (0.10, 0.50, 0.10, 0.10, 0.10, 0.10),
-        ),
-    ),
-    FamilySpec(
-        name="route",
-        wordings=(
-            "How do you get to work ?",
-            "How do you travel to work ?",
-            "What is your way to work ?",
-            "Which route to work do you prefer ?",
-            "How do you prefer to get to work ?",
-        ),
-        answers=(
-            _answer(
-                "bike", "I cycle to work .", "I ride my bike to work .", "By bike , every day ."
-            ),
-            _answer("bus", "I take the bus .", "I ride the bus to work .", "By bus , every day ."),
-            _answer("walk", "I walk to work .", "I go on foot .", "On foot , every day ."),
-            _answer("car", "I drive to work .", "I go by car .", "By car , every day ."),
-            _answer(
-                "train",
-                "I take the train .",
-                "I ride the train to work .",
-                "By train , every day .",
-            ),
-            _answer(
-                "remote",
-                "I work from home .",
-                "I never commute to work .",
-                "From home , every day .",
-            ),
-        ),
-        shares=(
-            (0.35, 0.15, 0.50),
-            (0.20, 0.15, 0.55, 0.10),
-            (0.15, 0.12, 0.50, 0.13, 0.10),
-            (0.10, 0.10, 0.50, 0.10, 0.10, 0.10),
-        ),
-    ),
-    FamilySpec(
-        name="pet",
-        wordings=(
-            "Which pet would you like ?",
-            "What is your favourite pet ?",
-            "Which animal would you keep as a pet ?",
-            "What pet do you want ?",
-            "Which pet do you want most ?",
-        ),
-        answers=(
-            _answer(
-                "dog", "I would like a dog .", "A dog is my favourite .", "Dogs are the best pets ."
-            ),
-            _answer(
-                "cat", "I would like a cat .", "A cat is my favourite .", "Cats are the best pets ."
-            ),
-            _answer(
-                "fish",
-                "I would like a fish .",
-                "A fish is my favourite .",
-                "Fish are the best pets .",
-            ),
-            _answer(
-                "bird",
-                "I would like a bird .",
-                "A bird is my favourite .",
-                "Birds are the best pets .",
-            ),
-            _answer(
-                "rabbit",
-                "I would like a rabbit .",
-                "A rabbit is my favourite .",
-                "Rabbits are the best pets .",
-            ),
-            _answer(
-                "hamster",
-                "I would like a hamster .",
-                "A hamster is my favourite .",
-                "Hamsters are the best pets .",
-            ),
-        ),
-        shares=(
-            (0.55, 0.25, 0.20),
-            (0.50, 0.20, 0.18, 0.12),
-            (0.55, 0.12, 0.11, 0.11, 0.11),
-            (0.50, 0.10, 0.10, 0.10, 0.10, 0.10),
-        ),
-    ),
-    FamilySpec(
-        name="breakfast",
-        wordings=(
-            "What do you eat for breakfast ?",
-            "What is your favourite breakfast ?",
-            "What would you like for breakfast ?",
-            "Which breakfast do you prefer ?",
-            "What do you like for breakfast ?",
-        ),
-        answers=(
-            _answer(
-                "eggs",
-                "I eat eggs for breakfast .",
-                "Eggs are my usual breakfast .",
-                "I start with eggs .",
-            ),
-            _answer(
-                "oatmeal",
-                "I eat oatmeal for breakfast .",
-                "Oatmeal is my usual breakfast .",
-                "I start with oatmeal .",
-            ),
-            _answer(
-                "toast",
-                "I eat toast for breakfast .",
-                "Toast is my usual breakfast .",
-                "I start with toast .",
-            ),
-            _answer(
-                "pancakes",
-                "I eat pancakes for breakfast .",
-                "Pancakes are my usual breakfast .",
-                "I start with pancakes .",
-            ),
-            _answer(
-                "fruit",
-                "I eat fruit for breakfast .",
-                "Fruit is my usual breakfast .",
-                "I start with fruit .",
-            ),
-            _answer(
-                "cereal",
-                "I eat cereal for breakfast .",
-                "Cereal is my usual breakfast .",
-                "I start with cereal .",
-            ),
-        ),
-        shares=(
-            (0.15, 0.25, 0.60),
-            (0.15, 0.20, 0.55, 0.10),
-            (0.12, 0.16, 0.50, 0.12, 0.10),
-            (0.10, 0.10, 0.50, 0.10, 0.10, 0.10),
-        ),
-    ),
-    FamilySpec(
-        name="weekend",
-        wordings=(
-            "What are your plans for the weekend ?",
-            "What will you do this weekend ?",
-            "How do you spend your weekend ?",
-            "What is your weekend plan ?",
-            "What will you do for the weekend ?",
-        ),
-        answers=(
-            _answer("hiking", "I will go hiking .", "Hiking is my plan .", "I plan to go hiking ."),
-            _answer(
-                "reading", "I will read books .", "Reading is my plan .", "I plan to read books ."
-            ),
-            _answer(
-                "resting",
-                "I will rest at home .",
-                "Resting is my plan .",
-                "I plan to rest at home .",
-            ),
-            _answer(
-                "family",
-                "I will visit family .",
-                "Visiting family is my plan .",
-                "I plan to visit family .",
-            ),
-            _answer(
-                "cooking", "I will cook dinner .", "Cooking is my plan .", "I plan to cook dinner ."
-            ),
-            _answer(
-                "swimming",
-                "I will go swimming .",
-                "Swimming is my plan .",
-                "I plan to go swimming .",
-            ),
-        ),
-        shares=(
-            (0.50, 0.30, 0.20),
-            (0.50, 0.20, 0.18, 0.12),
-            (0.50, 0.14, 0.13, 0.12, 0.11),
-            (0.50, 0.10, 0.10, 0.10, 0.10, 0.10),
-        ),
-    ),
-)
-
-
 @dataclass(frozen=True)
 class WorldConfig:
-    """How much of the family definitions a world uses, and the constraints it enforces.
+    """Family definitions, how much of them a world uses, and the constraints it enforces.
 
     ``n_answers`` answers per family (3 by default; the default families allow 3–6), each with
     ``n_paraphrases`` surface forms (the same count for every answer, so that equal rewards per
@@ -383,7 +120,7 @@ class WorldConfig:
     shares so that the majority is clear and every minority is large enough to be measured.
     """
 
-    families: tuple[FamilySpec, ...] = DEFAULT_FAMILIES
+    families: tuple[FamilySpec, ...]
     n_answers: int = 3
     n_paraphrases: int = 2
     n_eval_wordings: int = 1
@@ -433,7 +170,7 @@ class World:
     """
 
     def __init__(self, config: WorldConfig | None = None) -> None:
-        self.config = config if config is not None else WorldConfig()
+        self.config = config if config is not None else default_world_config()
         self.families: tuple[Family, ...] = tuple(
             _resolve(spec, self.config) for spec in self.config.families
         )
@@ -612,6 +349,9 @@ class World:
                 )
         if not all(math.isfinite(v) for v in values):
             raise ValueError("rewards must be finite")
+        # softmax(r / beta) over the sequences in Python floats, summed per answer. (theory's
+        # pm_optimal_policy is the same law; its float64 kernel rounds differently in the last
+        # bit, and the demo's recorded targets are kept bit-stable.)
         scaled = [v / beta for v in values]
         top = max(scaled)
         weights = [math.exp(v - top) for v in scaled]
@@ -651,9 +391,12 @@ class World:
         rng = np.random.default_rng(seed)
         pool = self._prompt_pool(prompts)
         pairs_of: dict[str, list[tuple[int, int]]] = {}
+        first_wins_of: dict[str, list[list[float]]] = {}  # BTL: P(sequence i beats sequence j)
         for p in pool:
             fam = self.family(p)
             seqs = fam.sequences
+            rewards = torch.tensor([fam.rewards[a] for a, _ in seqs], dtype=torch.float64)
+            first_wins_of[fam.name] = btl_probability(rewards[:, None], rewards[None, :]).tolist()
             pairs_of[fam.name] = [
                 (i, j)
                 for i in range(len(seqs))
@@ -671,8 +414,7 @@ class World:
             i, j = pairs[int(rng.integers(len(pairs)))]
             if rng.random() < 0.5:
                 i, j = j, i
-            delta = fam.rewards[seqs[i][0]] - fam.rewards[seqs[j][0]]
-            first_wins = rng.random() < _sigmoid(delta)
+            first_wins = rng.random() < first_wins_of[fam.name][i][j]
             win, lose = (i, j) if first_wins else (j, i)
             rows.append({"prompt": prompt, "chosen": seqs[win][1], "rejected": seqs[lose][1]})
         return rows
@@ -815,13 +557,6 @@ class World:
 
 
 # --------------------------------------------------------------------------- helpers
-def _sigmoid(x: float) -> float:
-    if x >= 0:
-        return 1.0 / (1.0 + math.exp(-x))
-    z = math.exp(x)
-    return z / (1.0 + z)
-
-
 def _resolve(spec: FamilySpec, config: WorldConfig) -> Family:
     """Select answers, paraphrases and wordings of one family and check the share constraints."""
     n_a, n_p, n_e = config.n_answers, config.n_paraphrases, config.n_eval_wordings
@@ -873,63 +608,162 @@ def _resolve(spec: FamilySpec, config: WorldConfig) -> Family:
     )
 
 
-def default_world(n_answers: int = 3, n_paraphrases: int = 2, n_eval_wordings: int = 1) -> World:
-    """The demo's world: six families, ``n_answers`` answers of ``n_paraphrases`` forms each."""
-    return World(
-        WorldConfig(
-            n_answers=n_answers, n_paraphrases=n_paraphrases, n_eval_wordings=n_eval_wordings
+# --------------------------------------------------------------------------- world files
+#: The packaged world the demo uses, relative to the ``pmrlhf`` package.
+DEFAULT_WORLD_FILE = ("worlds", "default.json")
+
+_SETTINGS: dict[str, type] = {
+    "n_answers": int,
+    "n_paraphrases": int,
+    "n_eval_wordings": int,
+    "min_majority": float,
+    "min_minority": float,
+}
+# Keys that world.json carries for readers (the seed, the reward, the majority index) and that
+# the loader accepts and ignores: they follow from the rest of the file.
+_TOP_KEYS = {"families", "end_markers", "reward", "seed", "description", *_SETTINGS}
+_FAMILY_KEYS = {"name", "train_wordings", "eval_wordings", "answers", "shares", "majority"}
+_ANSWER_KEYS = {"name", "paraphrases", "share", "reward"}
+
+
+def world_config_from_dict(data: Any, source: str = "world file") -> WorldConfig:
+    """The :class:`WorldConfig` a parsed world file describes (schema: docs/data-formats.md).
+
+    Every family lists ``train_wordings`` then ``eval_wordings`` (together its wordings, the
+    last ``n_eval_wordings`` held out) and its ``answers`` (``name``, ``paraphrases``). Shares
+    are given either per answer (``share``, one row over all listed answers) or per family
+    (``shares``, one row per answer count a world may use). Settings left out take the
+    :class:`WorldConfig` defaults. A malformed file raises ``ValueError`` naming ``source``
+    and the field.
+    """
+
+    def fail(where: str, message: str) -> NoReturn:
+        raise ValueError(f"{source}: {where}: {message}")
+
+    def check_keys(obj: Any, allowed: set[str], where: str) -> dict[str, Any]:
+        if not isinstance(obj, dict):
+            fail(where, f"must be an object, got {type(obj).__name__}")
+        unknown = sorted(set(obj) - allowed)
+        if unknown:
+            fail(where, f"unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+        return obj
+
+    def required(obj: dict[str, Any], key: str, where: str) -> Any:
+        if key not in obj:
+            fail(where, f"missing field {key!r}")
+        return obj[key]
+
+    def text(value: Any, where: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            fail(where, f"must be a non-empty string, got {value!r}")
+        return value
+
+    def texts(value: Any, where: str) -> tuple[str, ...]:
+        if not isinstance(value, list) or not value:
+            fail(where, "must be a non-empty list of strings")
+        return tuple(text(v, f"{where}[{i}]") for i, v in enumerate(value))
+
+    def number(value: Any, where: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(where, f"must be a number, got {value!r}")
+        return float(value)
+
+    top = check_keys(data, _TOP_KEYS, "top level")
+    families_raw = required(top, "families", "top level")
+    if not isinstance(families_raw, list) or not families_raw:
+        fail("families", "must be a non-empty list of family objects")
+    families = []
+    for f, raw in enumerate(families_raw):
+        where = f"families[{f}]"
+        fam = check_keys(raw, _FAMILY_KEYS, where)
+        answers_raw = required(fam, "answers", where)
+        if not isinstance(answers_raw, list) or not answers_raw:
+            fail(f"{where}.answers", "must be a non-empty list of answer objects")
+        answers = []
+        per_answer_shares = []
+        for a, raw_answer in enumerate(answers_raw):
+            at = f"{where}.answers[{a}]"
+            ans = check_keys(raw_answer, _ANSWER_KEYS, at)
+            answers.append(
+                AnswerSpec(
+                    text(required(ans, "name", at), f"{at}.name"),
+                    texts(required(ans, "paraphrases", at), f"{at}.paraphrases"),
+                )
+            )
+            if "share" in ans:
+                per_answer_shares.append(number(ans["share"], f"{at}.share"))
+        if "shares" in fam:
+            if per_answer_shares:
+                fail(where, "give shares either per answer ('share') or per family ('shares')")
+            rows_raw = fam["shares"]
+            if not isinstance(rows_raw, list) or not rows_raw:
+                fail(f"{where}.shares", "must be a non-empty list of share rows")
+            shares = []
+            for r, row in enumerate(rows_raw):
+                if not isinstance(row, list):
+                    fail(f"{where}.shares[{r}]", "must be a list of numbers")
+                shares.append(
+                    tuple(number(v, f"{where}.shares[{r}][{i}]") for i, v in enumerate(row))
+                )
+        elif len(per_answer_shares) == len(answers):
+            shares = [tuple(per_answer_shares)]
+        else:
+            fail(where, "every answer needs a 'share', or the family a 'shares' list")
+        families.append(
+            FamilySpec(
+                name=text(required(fam, "name", where), f"{where}.name"),
+                wordings=texts(required(fam, "train_wordings", where), f"{where}.train_wordings")
+                + texts(required(fam, "eval_wordings", where), f"{where}.eval_wordings"),
+                answers=tuple(answers),
+                shares=tuple(shares),
+            )
         )
-    )
+    settings: dict[str, Any] = {}
+    for key, kind in _SETTINGS.items():
+        if key in top:
+            value = top[key]
+            if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
+                fail(key, f"must be an integer, got {value!r}")
+            settings[key] = int(value) if kind is int else number(value, key)
+    if "end_markers" in top:
+        settings["end_markers"] = texts(top["end_markers"], "end_markers")
+    return WorldConfig(families=tuple(families), **settings)
 
 
 def load_world(path: str | os.PathLike[str]) -> World:
-    """Rebuild the world described by a ``world.json`` written by :meth:`World.write_files`.
+    """The world a world file describes: the packaged default's schema, or a ``world.json``
+    written by :meth:`World.write_files` (which rebuilds the same world)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: malformed JSON ({err})") from None
+    return World(world_config_from_dict(data, str(path)))
 
-    The result has the same families, wordings, split, answers, paraphrases and shares.
-    """
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    families = tuple(
-        FamilySpec(
-            name=fam["name"],
-            wordings=tuple(fam["train_wordings"]) + tuple(fam["eval_wordings"]),
-            answers=tuple(
-                AnswerSpec(ans["name"], tuple(ans["paraphrases"])) for ans in fam["answers"]
-            ),
-            shares=(tuple(float(ans["share"]) for ans in fam["answers"]),),
-        )
-        for fam in data["families"]
+
+@functools.cache
+def default_world_config() -> WorldConfig:
+    """The packaged world definitions (``worlds/default.json``), read once."""
+    resource = resources.files("pmrlhf")
+    for part in DEFAULT_WORLD_FILE:
+        resource = resource / part
+    return world_config_from_dict(
+        json.loads(resource.read_text(encoding="utf-8")), "/".join(DEFAULT_WORLD_FILE)
     )
+
+
+def default_world(
+    n_answers: int | None = None,
+    n_paraphrases: int | None = None,
+    n_eval_wordings: int | None = None,
+) -> World:
+    """The demo's world: the packaged families, with the file's settings unless given here."""
+    config = default_world_config()
     return World(
-        WorldConfig(
-            families=families,
-            n_answers=int(data["n_answers"]),
-            n_paraphrases=int(data["n_paraphrases"]),
-            n_eval_wordings=int(data["n_eval_wordings"]),
-            min_majority=float(data["min_majority"]),
-            min_minority=float(data["min_minority"]),
-            end_markers=tuple(data["end_markers"]),
+        replace(
+            config,
+            n_answers=config.n_answers if n_answers is None else n_answers,
+            n_paraphrases=config.n_paraphrases if n_paraphrases is None else n_paraphrases,
+            n_eval_wordings=config.n_eval_wordings if n_eval_wordings is None else n_eval_wordings,
         )
-    )
-
-
-def write_files(
-    out_dir: str | os.PathLike[str],
-    n_pairs: int = 2000,
-    n_rankings: int = 1000,
-    n_sft: int = 2000,
-    seed: int = 0,
-    ranking_size: int = 3,
-    cross_answer_only: bool = False,
-    world: World | None = None,
-) -> dict[str, Path]:
-    """Write the datasets of ``world`` (default: :func:`default_world`); see
-    :meth:`World.write_files`."""
-    return (world if world is not None else default_world()).write_files(
-        out_dir,
-        n_pairs=n_pairs,
-        n_rankings=n_rankings,
-        n_sft=n_sft,
-        seed=seed,
-        ranking_size=ranking_size,
-        cross_answer_only=cross_answer_only,
     )
