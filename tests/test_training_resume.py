@@ -312,3 +312,36 @@ def test_shared_optimisation_fields_and_sft_rm_defaults():
     assert isinstance(config, OptimConfig)
     assert (config.lr_schedule, config.seed, config.warmup_steps) == ("linear", 1234, 0)
     assert RMConfig(model="m", data="d.jsonl").weight_decay == 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_process_sft_resume_after_crash_matches_uninterrupted_run(sft_setup, tmp_path):
+    import subprocess
+
+    from conftest import two_process_launch
+
+    base, data = sft_setup
+    script = str(Path(__file__).parent / "scripts" / "crash_on_loss.py")
+
+    def launch(crash_call: int, out: Path, *extra: str) -> subprocess.CompletedProcess:
+        # 36 training rows: 3 micro-batches of 8 per process and epoch, 6 steps in 2 epochs;
+        # the step-4 checkpoint lies 1 micro-batch into the second epoch
+        command, env = two_process_launch(
+            script, str(crash_call), "sft", "--model", str(base), "--data", str(data),
+            "--output-dir", str(out), "--epochs", "2", "--batch-size", "8", "--lr", "3e-3",
+            "--eval-fraction", "0.1", "--save-every", "4", "--quiet", "true", *extra,
+        )  # fmt: skip
+        return subprocess.run(command, capture_output=True, text=True, env=env)
+
+    done = launch(0, tmp_path / "a")
+    assert done.returncode == 0, done.stderr[-3000:]
+    crashed = launch(6, tmp_path / "b")  # step 6's micro-batch
+    assert crashed.returncode != 0 and "simulated crash" in crashed.stderr
+    checkpoint = tmp_path / "b" / "checkpoint"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch_batches"], state["processes"]) == (4, 1, 2)
+    resumed = launch(0, tmp_path / "b", "--resume", str(checkpoint))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_same_weights(tmp_path / "b" / "model", tmp_path / "a" / "model")
+    assert [r["step"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]

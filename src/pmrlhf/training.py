@@ -482,7 +482,8 @@ def read_checkpoint(directory: str | Path, config: TrainConfig, kind: str) -> Ch
     if found != kind:
         what = f"a pmrlhf {found} checkpoint" if isinstance(found, str) else "not from sft or rm"
         raise ValueError(f"{where}: {what}, not a pmrlhf {kind} checkpoint")
-    for name in (DATA_ORDER_FILE, "optimizer.bin", "random_states_0.pkl"):
+    processes = state.get("processes", 1) if isinstance(state.get("processes", 1), int) else 1
+    for name in (DATA_ORDER_FILE, *(f"random_states_{i}.pkl" for i in range(processes))):
         if not (path / name).is_file():
             raise ValueError(f"{where}: incomplete checkpoint, {name} is missing")
     saved, current = state.get("config", {}), to_dict(config)
