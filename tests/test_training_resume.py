@@ -135,6 +135,8 @@ def _crash_and_resume(
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["step"] == resumed_step
     assert not (tmp_path / "b" / "model").exists()
+    with (tmp_path / "b" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 99, "lo')  # a line cut short by the crash
 
     monkeypatch.setattr(module, loss_name, loss_fn)
     resumed = train(make_config(tmp_path / "b"), resume=checkpoint)
@@ -218,10 +220,13 @@ def test_resume_needs_a_matching_checkpoint(sft_setup, rm_setup, tmp_path, capsy
     assert main(args) == 2
     assert "pmrlhf sft: error: --resume" in capsys.readouterr().err
 
-    # the right folder and settings resume: step 2 is trained again on top of step 1
-    result = train_sft(_sft_config(base, data, out, max_steps=2, save_every=5), resume=checkpoint)
-    assert result["steps"] == 2
+    # the right folder and settings resume (save_every may change): step 2 is trained again
+    args = ["sft", "--model", str(base), "--data", str(data), "--output-dir", str(out),
+            "--lr", "3e-3", "--batch-size", "8", "--eval-fraction", "0.1", "--max-steps", "2",
+            "--save-every", "5", "--quiet", "true", "--resume", str(checkpoint)]  # fmt: skip
+    assert main(args) == 0
     assert [row["step"] for row in read_jsonl(out / "metrics.jsonl")] == [1, 2]
+    assert json.loads((out / "eval.json").read_text())["steps"] == 2
 
 
 # --------------------------------------------------------------------------- non-finite guards

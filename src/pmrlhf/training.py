@@ -682,14 +682,18 @@ def train_loop(
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the lines of steps up to ``step`` (those after it are trained again)."""
+    """Keep only the lines of steps up to ``step`` (those after it are trained again); a line
+    cut short by a crash is dropped too."""
     if not path.is_file():
         return
-    kept = [
-        line
-        for line in path.read_text().splitlines(keepends=True)
-        if line.strip() and json.loads(line).get("step", 0) <= step
-    ]
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
     tmp.replace(path)
