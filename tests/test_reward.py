@@ -181,10 +181,13 @@ def test_run_folder_has_metrics_eval_and_checkpoints(base_model, tmp_path):
     assert len(calibration) == 10
     assert {"low", "high", "count", "mean_predicted", "observed_win_rate"} <= set(calibration[0])
     assert evaluation["after"] == result["eval"]
-    assert (out / "checkpoint-2" / "model.safetensors").is_file()
-    assert json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())["step"] == 2
+    # one checkpoint folder, the latest (step 2; the final weights live in model/)
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    assert load_reward_model(str(out / "checkpoint" / "model")) is not None
     assert (out / "model" / "model.safetensors").is_file()
-    assert not (out / "checkpoint-4").exists()  # the final weights live in model/
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == [
+        "checkpoint"
+    ]
 
 
 def test_lora_reward_model_saves_an_adapter_that_reloads(base_model, tmp_path):

@@ -185,7 +185,7 @@ def _train_sft(config: DemoConfig, base: Path, data: Path, out: Path) -> Path:
     result = train_sft(
         SFTConfig(
             model=str(base), data=str(data), max_steps=config.sft_steps, lr=config.sft_lr,
-            lr_scheduler="constant", eval_fraction=0.05, **_stage_settings(config, out),
+            lr_schedule="constant", eval_fraction=0.05, **_stage_settings(config, out),
         )
     )  # fmt: skip
     return Path(result["model_dir"])
@@ -199,7 +199,7 @@ def _train_rm(
     result = train_reward_model(
         RMConfig(
             model=str(sft_dir), data=str(data), max_steps=config.rm_steps, lr=config.rm_lr,
-            lr_scheduler="linear", eval_fraction=0.1, **_stage_settings(config, out),
+            lr_schedule="linear", eval_fraction=0.1, **_stage_settings(config, out),
         )
     )  # fmt: skip
     return Path(result["model_dir"]), result.get("eval", {})

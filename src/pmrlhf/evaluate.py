@@ -489,11 +489,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pmrlhf.data import load_prompts
     from pmrlhf.models import load_causal_lm, load_tokenizer
+    from pmrlhf.optim import compute_dtype
     from pmrlhf.rl.rewards import load_reward
-    from pmrlhf.runtime import resolve_dtype
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype("auto", device)
+    dtype = compute_dtype("auto", device)
     tokenizer = load_tokenizer(args.policy)
     policy = load_causal_lm(args.policy, dtype=dtype, device=device)
     ref = load_causal_lm(args.ref, dtype=dtype, device=device) if args.ref else None

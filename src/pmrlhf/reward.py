@@ -15,6 +15,7 @@ ranked best first or with scores (see docs/data-formats.md).
 Examples:
   pmrlhf rm --model runs/sft/model --data prefs.jsonl --output-dir runs/rm
   pmrlhf rm --config configs/rm_example.yaml --set lora=true
+  pmrlhf rm --config configs/rm_example.yaml --resume runs/rm/checkpoint   # after a crash
   accelerate launch -m pmrlhf rm --config configs/rm_example.yaml   # several processes
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,16 +50,18 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RMConfig(TrainConfig):
     """Settings of ``pmrlhf rm`` (the paper: lr 1e-5, weight decay 0.1, 2 epochs)."""
 
     output_dir: str = option(
         "runs/rm",
-        help="run folder: model/ (final weights), checkpoint-N/, metrics.jsonl, eval.json, "
-        "config.yaml",
+        help="run folder: model/ (final weights), checkpoint/ (the latest resumable state), "
+        "metrics.jsonl, eval.json, config.yaml",
     )
-    weight_decay: float = option(0.1, help="AdamW weight decay (not applied to biases and norms)")
+    weight_decay: float = option(
+        0.1, help="AdamW weight decay on weight matrices (biases and norm scales never decay)"
+    )
     loss: str = option(
         "pl",
         choices=["pl", "btl"],
@@ -67,6 +71,15 @@ class RMConfig(TrainConfig):
     calibration_bins: int = option(
         10, help="bins of predicted σ(Δr) in the evaluation's calibration table"
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.calibration_bins, bool) or not (
+            isinstance(self.calibration_bins, int) and self.calibration_bins >= 1
+        ):
+            raise ValueError(
+                f"calibration_bins must be an integer >= 1, got {self.calibration_bins!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -256,8 +269,11 @@ def evaluate_reward_model(
 
 
 # --------------------------------------------------------------------------- training
-def train_reward_model(config: RMConfig) -> dict[str, Any]:
+def train_reward_model(config: RMConfig, resume: str | Path | None = None) -> dict[str, Any]:
     """Train a scalar reward model on ``config.data``; returns the run's result dict.
+
+    ``resume``: a checkpoint folder (``output_dir/checkpoint``) of an interrupted run with the
+    same settings; training continues from it exactly.
 
     Keys: ``model_dir`` (load it with :func:`pmrlhf.lora.load_scoring_model`, or
     :func:`pmrlhf.models.load_reward_model` when LoRA is off or merged), ``eval`` and
@@ -276,13 +292,12 @@ def train_reward_model(config: RMConfig) -> dict[str, Any]:
         load_train_eval,
         make_accelerator,
         quiet_transformers,
+        read_checkpoint,
         resolve_model_path,
     )
 
     check_config(config)
-    if config.calibration_bins <= 0:
-        raise ValueError(f"calibration_bins must be > 0, got {config.calibration_bins}")
-    ranking_loss(torch.zeros(1, 2), torch.ones(1, 2, dtype=torch.bool), config.loss)  # checks name
+    checkpoint = read_checkpoint(resume, config, "rm") if resume is not None else None
     set_seed(config.seed)
     accelerator = make_accelerator(config)
     model_path = resolve_model_path(config.model)
@@ -324,6 +339,7 @@ def train_reward_model(config: RMConfig) -> dict[str, Any]:
             loss_fn=loss_fn,
             evaluate=evaluate,
             name="rm",
+            resume=checkpoint,
         )
     if not config.quiet and accelerator.is_main_process:
         print(_summary(result))
@@ -354,9 +370,15 @@ def _summary(result: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        help="continue exactly from a checkpoint folder (output_dir/checkpoint) of a run with "
+        "the same settings",
+    )
     add_config_arguments(parser, RMConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    train_reward_model(config_from_args(RMConfig, args))
+    train_reward_model(config_from_args(RMConfig, args), resume=args.resume)
     return 0

@@ -23,25 +23,6 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
-    """``auto`` is bf16 on a GPU that supports it and fp32 elsewhere."""
-    if name == "auto":
-        dev = torch.device(device)
-        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    table = {
-        "fp32": torch.float32,
-        "float32": torch.float32,
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-    }
-    if name not in table:
-        raise ValueError(f"unknown dtype {name!r}; choose auto, fp32, bf16 or fp16")
-    return table[name]
-
-
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {
         "python": random.getstate(),

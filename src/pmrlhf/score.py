@@ -171,13 +171,13 @@ def score_file(
     from pmrlhf.data import load_scoring_records
     from pmrlhf.lora import load_scoring_model
     from pmrlhf.models import load_tokenizer
-    from pmrlhf.runtime import resolve_dtype
+    from pmrlhf.optim import compute_dtype
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(model_path)
     records = load_scoring_records(data, tokenizer, split=split)
-    model = load_scoring_model(model_path, dtype=resolve_dtype(dtype, device), device=device)
+    model = load_scoring_model(model_path, dtype=compute_dtype(dtype, device), device=device)
     prompts = [r.prompt for r in records for _ in r.responses]
     responses = [resp for r in records for resp in r.responses]
     rewards = score_texts(model, tokenizer, prompts, responses, batch_size, max_length).tolist()

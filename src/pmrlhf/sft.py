@@ -7,11 +7,12 @@ stop. Chat data is rendered with the tokenizer's chat template when it has one.
 Data: prompt/completion rows, chat "messages", Dahoas prompt/chosen rows or HH-RLHF "chosen"
 text (see docs/data-formats.md). The run folder gets model/ (safetensors weights, or a LoRA
 adapter), metrics.jsonl (one line per step), eval.json (held-out loss before and after) and
-config.yaml.
+config.yaml; with save_every, checkpoint/ holds the latest resumable state.
 
 Examples:
   pmrlhf sft --model HuggingFaceTB/SmolLM2-135M-Instruct --data demos.jsonl --output-dir runs/sft
   pmrlhf sft --config configs/sft_example.yaml --set lora=true
+  pmrlhf sft --config configs/sft_example.yaml --resume runs/sft/checkpoint   # after a crash
   accelerate launch -m pmrlhf sft --config configs/sft_example.yaml   # several processes
 """
 
@@ -21,6 +22,7 @@ import argparse
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,14 +44,14 @@ __all__ = [
 ]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SFTConfig(TrainConfig):
     """Settings of ``pmrlhf sft`` (the paper: lr 1e-5, 2 epochs, max length 512)."""
 
     output_dir: str = option(
         "runs/sft",
-        help="run folder: model/ (final weights), checkpoint-N/, metrics.jsonl, eval.json, "
-        "config.yaml",
+        help="run folder: model/ (final weights), checkpoint/ (the latest resumable state), "
+        "metrics.jsonl, eval.json, config.yaml",
     )
 
 
@@ -159,8 +161,11 @@ def evaluate_sft(
     return _evaluate(model, batches, lambda t: t, nullcontext)
 
 
-def train_sft(config: SFTConfig) -> dict[str, Any]:
+def train_sft(config: SFTConfig, resume: str | Path | None = None) -> dict[str, Any]:
     """Fine-tune ``config.model`` on ``config.data``; returns the run's result dict.
+
+    ``resume``: a checkpoint folder (``output_dir/checkpoint``) of an interrupted run with the
+    same settings; training continues from it exactly.
 
     Keys: ``model_dir`` (load it with :func:`pmrlhf.lora.load_policy_model`, or
     :func:`pmrlhf.models.load_causal_lm` when LoRA is off or merged), ``eval`` and
@@ -178,10 +183,12 @@ def train_sft(config: SFTConfig) -> dict[str, Any]:
         load_train_eval,
         make_accelerator,
         quiet_transformers,
+        read_checkpoint,
         resolve_model_path,
     )
 
     check_config(config)
+    checkpoint = read_checkpoint(resume, config, "sft") if resume is not None else None
     set_seed(config.seed)
     accelerator = make_accelerator(config)
     model_path = resolve_model_path(config.model)
@@ -219,6 +226,7 @@ def train_sft(config: SFTConfig) -> dict[str, Any]:
             loss_fn=sft_loss,
             evaluate=evaluate,
             name="sft",
+            resume=checkpoint,
         )
     if not config.quiet and accelerator.is_main_process:
         print(_summary(result))
@@ -239,9 +247,15 @@ def _summary(result: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        help="continue exactly from a checkpoint folder (output_dir/checkpoint) of a run with "
+        "the same settings",
+    )
     add_config_arguments(parser, SFTConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    train_sft(config_from_args(SFTConfig, args))
+    train_sft(config_from_args(SFTConfig, args), resume=args.resume)
     return 0

@@ -6,13 +6,20 @@ metrics through ``reduce``/``gather``, so ``accelerate launch`` (DDP, FSDP, Deep
 without changes and a plain call runs on one process. The learning-rate schedule is stepped
 here once per optimizer update rather than prepared, so its length is simply the number of
 updates each process makes.
+
+Checkpoints (``output_dir/checkpoint/``, the latest one, every ``save_every`` steps) hold the
+model, optimizer, schedule, RNG states and the position in the shuffled data, so a run resumed
+from one continues exactly as if it had not stopped. A non-finite loss or gradient stops
+training before the update is applied; nothing non-finite is ever saved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import math
-import os
+import numbers
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -23,9 +30,19 @@ from typing import Any
 import torch
 
 from pmrlhf.config import option, to_dict
-from pmrlhf.runtime import JsonlLogger, atomic_directory
+from pmrlhf.optim import (
+    LR_SCHEDULES,
+    OptimConfig,
+    build_optimizer,
+    build_scheduler,
+    mixed_precision,
+)
+from pmrlhf.runtime import JsonlLogger, atomic_directory, commit_directory, fresh_temp_directory
 
 __all__ = [
+    "CHECKPOINT_DIR",
+    "Checkpoint",
+    "NonFiniteError",
     "TrainConfig",
     "TrainData",
     "adapt_model",
@@ -34,19 +51,37 @@ __all__ = [
     "fit_and_save",
     "load_train_eval",
     "make_accelerator",
-    "mixed_precision",
     "quiet_transformers",
+    "read_checkpoint",
     "resolve_model_path",
     "save_model",
     "train_loop",
     "write_run_files",
 ]
 
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "trainer_state.json"
+DATA_ORDER_FILE = "data_order.safetensors"
+# Settings that may differ between a run and its resumption: none of them moves the trajectory.
+RESUMABLE_CHANGES = frozenset(
+    {"output_dir", "save_every", "eval_before", "eval_batch_size", "quiet", "merge_lora",
+     "calibration_bins"}
+)  # fmt: skip
 
-@dataclass
-class TrainConfig:
-    """Fields shared by ``pmrlhf sft`` and ``pmrlhf rm``."""
 
+class NonFiniteError(ValueError):
+    """Training met a non-finite loss, gradient, weight or evaluation metric."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig(OptimConfig):
+    """Fields shared by ``pmrlhf sft`` and ``pmrlhf rm``; the optimisation fields are
+    :class:`pmrlhf.optim.OptimConfig`'s, with SFT/RM defaults for the schedule and seed."""
+
+    lr_schedule: str = option(
+        "linear", choices=list(LR_SCHEDULES), help="learning-rate schedule after warm-up"
+    )
+    seed: int = option(1234, help="seed for initialisation, shuffling and the eval hold-out")
     model: str = option(
         help="model to start from: hub id, local folder or .gguf file (a SmolLM2 GGUF works)"
     )
@@ -56,8 +91,8 @@ class TrainConfig:
     )
     output_dir: str = option(
         "runs/train",
-        help="run folder: model/ (final weights), checkpoint-N/, metrics.jsonl, eval.json, "
-        "config.yaml",
+        help="run folder: model/ (final weights), checkpoint/ (the latest resumable state), "
+        "metrics.jsonl, eval.json, config.yaml",
     )
     split: str | None = option(
         None, help="hub split or slice to read, e.g. train or train[:2000]; a local file is 'train'"
@@ -84,27 +119,13 @@ class TrainConfig:
     max_prompt_tokens: int = option(
         256, help="rows whose prompt is longer are dropped, with a warning (the paper: 256)"
     )
-    epochs: int = option(2, help="passes over the training data")
+    epochs: int = option(2, help="passes over the training data (when max_steps is unset)")
     max_steps: int | None = option(
         None, help="stop after this many optimizer steps (overrides epochs when set)"
     )
     batch_size: int = option(8, help="examples per device per micro-batch")
     eval_batch_size: int | None = option(None, help="examples per eval batch (default: batch_size)")
     gradient_accumulation_steps: int = option(1, help="micro-batches per optimizer step")
-    lr: float = option(1e-5, help="peak learning rate of AdamW")
-    weight_decay: float = option(0.0, help="AdamW weight decay (not applied to biases and norms)")
-    lr_scheduler: str = option(
-        "linear", choices=["constant", "linear", "cosine"], help="decay after warm-up"
-    )
-    warmup_ratio: float = option(0.0, help="fraction of steps spent warming the lr up from 0")
-    max_grad_norm: float = option(1.0, help="clip gradients to this norm (0 disables clipping)")
-    seed: int = option(1234, help="seed for initialisation, shuffling and the eval hold-out")
-    dtype: str = option(
-        "auto",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        help="compute precision; bf16/fp16 run mixed precision (weights and optimizer stay fp32); "
-        "auto is bf16 on a GPU that supports it, fp32 on CPU",
-    )
     lora: bool = option(False, help="train a LoRA adapter (peft) instead of all weights")
     lora_r: int = option(16, help="LoRA rank")
     lora_alpha: int = option(32, help="LoRA scaling numerator (scale = alpha / r)")
@@ -118,34 +139,77 @@ class TrainConfig:
     gradient_checkpointing: bool = option(
         False, help="recompute activations in the backward pass to save memory"
     )
-    save_every: int = option(0, help="also save a checkpoint-N/ folder every N steps (0: never)")
+    save_every: int = option(
+        0,
+        help="every N steps, replace output_dir/checkpoint/ with the current state, which "
+        "--resume continues exactly (0: never)",
+    )
     eval_before: bool = option(True, help="also evaluate before training, to report the change")
     quiet: bool = option(False, help="no progress bar and no printed summary")
 
+    def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        check_config(self)
+
+
+def _check_choices(config: Any) -> None:
+    for field in dataclasses.fields(config):
+        choices = field.metadata.get("choices")
+        value = getattr(config, field.name)
+        if choices is not None and value not in choices:
+            raise ValueError(f"{field.name} must be one of {list(choices)}, got {value!r}")
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
 
 def check_config(config: TrainConfig) -> None:
-    """Reject impossible settings before anything is loaded."""
-    positive = {
-        "batch_size": config.batch_size,
-        "gradient_accumulation_steps": config.gradient_accumulation_steps,
-        "max_length": config.max_length,
-        "max_prompt_tokens": config.max_prompt_tokens,
+    """Reject impossible settings before anything is loaded; each error names its field."""
+    _check_choices(config)
+    at_least = {
+        "batch_size": (config.batch_size, 1),
+        "gradient_accumulation_steps": (config.gradient_accumulation_steps, 1),
+        "max_length": (config.max_length, 2),  # one prompt token and one to learn
+        "max_prompt_tokens": (config.max_prompt_tokens, 1),
+        "warmup_steps": (config.warmup_steps, 0),
+        "save_every": (config.save_every, 0),
+        "lora_r": (config.lora_r, 1),
+        "lora_alpha": (config.lora_alpha, 1),
     }
-    for name, value in positive.items():
-        if value <= 0:
-            raise ValueError(f"{name} must be > 0, got {value}")
-    if config.max_steps is None and config.epochs <= 0:
-        raise ValueError(f"epochs must be > 0 (or set max_steps), got {config.epochs}")
-    if config.max_steps is not None and config.max_steps <= 0:
-        raise ValueError(f"max_steps must be > 0 when set, got {config.max_steps}")
-    if config.eval_batch_size is not None and config.eval_batch_size <= 0:
-        raise ValueError(f"eval_batch_size must be > 0, got {config.eval_batch_size}")
-    if not config.lr > 0:
-        raise ValueError(f"lr must be > 0, got {config.lr}")
-    if not 0.0 <= config.warmup_ratio < 1.0:
-        raise ValueError(f"warmup_ratio must lie in [0, 1), got {config.warmup_ratio}")
-    if config.save_every < 0:
-        raise ValueError(f"save_every must be >= 0, got {config.save_every}")
+    if config.max_steps is None:
+        at_least["epochs"] = (config.epochs, 1)
+    else:
+        at_least["max_steps"] = (config.max_steps, 1)
+    if config.eval_batch_size is not None:
+        at_least["eval_batch_size"] = (config.eval_batch_size, 1)
+    for name, (count, low) in at_least.items():
+        if not isinstance(count, numbers.Integral) or isinstance(count, bool) or count < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {count!r}")
+    if not (_finite_number(config.lr) and config.lr > 0):
+        raise ValueError(f"lr must be a finite number > 0, got {config.lr!r}")
+    for name in ("weight_decay", "max_grad_norm"):
+        value = getattr(config, name)
+        if not (_finite_number(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    for name, value in (
+        ("eval_fraction", config.eval_fraction),
+        ("lora_dropout", config.lora_dropout),
+    ):
+        if not (_finite_number(value) and 0 <= value < 1):
+            raise ValueError(f"{name} must lie in [0, 1), got {value!r}")
+    fractions = config.split_fractions
+    if (
+        len(fractions) != 3
+        or not all(_finite_number(f) and f >= 0 for f in fractions)
+        or not sum(fractions) > 0
+    ):
+        raise ValueError(
+            "split_fractions must be three numbers >= 0 (SFT,RM,RL) with a positive sum, "
+            f"got {fractions!r}"
+        )
 
 
 def data_kwargs(config: TrainConfig) -> dict[str, Any]:
@@ -159,23 +223,7 @@ def data_kwargs(config: TrainConfig) -> dict[str, Any]:
     }
 
 
-def mixed_precision(dtype: str) -> str:
-    """Accelerate's ``mixed_precision`` for a ``dtype`` option value."""
-    if dtype == "fp32":
-        return "no"
-    if dtype in ("bf16", "fp16"):
-        return dtype
-    if dtype != "auto":
-        raise ValueError(f"dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    if launched:  # `accelerate launch --mixed_precision X` decides
-        return launched
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
-
-
-def make_accelerator(config: TrainConfig):
+def make_accelerator(config: TrainConfig) -> Any:
     from accelerate import Accelerator
 
     return Accelerator(
@@ -279,64 +327,189 @@ def adapt_model(model: Any, config: TrainConfig, task: str, base: str | None = N
     return model
 
 
+# --------------------------------------------------------------------------- finiteness
+def check_finite_weights(accelerator: Any, model: Any, what: str) -> None:
+    """Raise :class:`NonFiniteError` unless every weight of ``model`` is finite (all processes)."""
+    params = list(model.named_parameters())
+    finite = [torch.isfinite(p).all() for _, p in params]
+    bad = 0.0 if not finite or bool(torch.stack(finite).all()) else 1.0
+    if float(accelerator.reduce(torch.tensor(bad, device=accelerator.device), reduction="sum")):
+        names = [name for (name, _), ok in zip(params, finite) if not bool(ok)]
+        where = f" ({names[0]})" if names else " (on another process)"
+        raise NonFiniteError(f"refusing to save {what}: its weights are not finite{where}")
+
+
+def _non_finite_entry(value: Any, key: str = "") -> str | None:
+    """The key of the first non-finite number in a nested dict/list, or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return key or "value"
+    if isinstance(value, dict):
+        items: Any = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for name, item in items:
+        found = _non_finite_entry(item, f"{key}.{name}" if key else str(name))
+        if found is not None:
+            return found
+    return None
+
+
 # --------------------------------------------------------------------------- saving
+@contextmanager
+def _quiet_shared_tensor_warning() -> Iterator[None]:
+    # Tied input/output embeddings are saved once; accelerate warns about that on every save,
+    # and the resume tests check that they reload exactly.
+    log = logging.getLogger("accelerate.utils.other")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _write_pretrained(
+    unwrapped: Any, state_dict: Any, tokenizer: Any, directory: Path, merge: bool
+) -> None:
+    if merge:
+        unwrapped.merge_and_unload().save_pretrained(directory)
+    else:
+        unwrapped.save_pretrained(directory, state_dict=state_dict)
+    tokenizer.save_pretrained(directory)
+
+
 def save_model(
     accelerator: Any,
     model: Any,
     tokenizer: Any,
     directory: Path,
     merge_lora: bool = False,
-    extra: dict[str, Any] | None = None,
 ) -> None:
     """Save weights (safetensors) and tokenizer into ``directory``, atomically.
 
     Every process must call this (sharded setups assemble the state dict collectively); only
-    the main process writes. ``merge_lora`` folds a LoRA adapter into the weights first, which
-    changes the in-memory model, so it is for the final save only.
+    the main process writes. Non-finite weights are refused. ``merge_lora`` folds a LoRA
+    adapter into the weights first, which changes the in-memory model, so it is for the final
+    save only.
     """
+    check_finite_weights(accelerator, model, f"the model {directory}")
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     merge = merge_lora and hasattr(unwrapped, "merge_and_unload")
     state_dict = None if merge else accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         with atomic_directory(directory) as tmp:
-            if merge:
-                unwrapped.merge_and_unload().save_pretrained(tmp)
-            else:
-                unwrapped.save_pretrained(tmp, state_dict=state_dict)
-            tokenizer.save_pretrained(tmp)
-            for name, value in (extra or {}).items():
-                (tmp / name).write_text(json.dumps(value, indent=2) + "\n")
+            _write_pretrained(unwrapped, state_dict, tokenizer, tmp, merge)
     accelerator.wait_for_everyone()
 
 
-# --------------------------------------------------------------------------- optimisation
-def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
-    for param in model.parameters():
-        if param.requires_grad:
-            # matrices decay; biases and norm scales do not (standard AdamW practice)
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+# --------------------------------------------------------------------------- checkpoints
+@dataclass
+class Checkpoint:
+    """What a run resumes from: ``trainer_state.json`` and the data order of a checkpoint."""
+
+    directory: Path
+    step: int
+    epoch_batches: int  # micro-batches of the current epoch already trained on
+    processes: int
+    scheduler: dict[str, Any]
+    eval_before: dict[str, Any] | None
+    generator_state: torch.Tensor  # the shuffling generator at the start of that epoch
+
+
+def save_checkpoint(
+    accelerator: Any,
+    model: Any,
+    tokenizer: Any,
+    directory: Path,
+    state: dict[str, Any],
+    generator_state: torch.Tensor,
+) -> None:
+    """Atomically write ``directory``: accelerate's state (model, optimizer, RNG states), the
+    loadable model in ``model/``, the data order and ``trainer_state.json``."""
+    from safetensors.torch import save_file
+
+    check_finite_weights(accelerator, model, f"the checkpoint at step {state['step']}")
+    final = Path(directory)
+    main = accelerator.is_main_process
+    tmp = fresh_temp_directory(final) if main else final.with_name(final.name + ".tmp")
+    accelerator.wait_for_everyone()
+    with _quiet_shared_tensor_warning():
+        accelerator.save_state(str(tmp), safe_serialization=True)
+    state_dict = accelerator.get_state_dict(model)
+    if main:
+        _write_pretrained(
+            accelerator.unwrap_model(model), state_dict, tokenizer, tmp / "model", merge=False
+        )
+        save_file({"generator": generator_state}, str(tmp / DATA_ORDER_FILE))
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    if main:
+        commit_directory(tmp, final)
+    accelerator.wait_for_everyone()
+
+
+def read_checkpoint(directory: str | Path, config: TrainConfig, kind: str) -> Checkpoint:
+    """Check that ``directory`` is a complete ``kind`` checkpoint of a run with these settings.
+
+    Settings that move the trajectory (data, model, optimisation, seed, ...) must be the same:
+    an exact resume of a run under other settings does not exist, so that is refused and the
+    changed fields are named.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(directory).expanduser()
+    where = f"--resume {path}"
+    if not path.exists():
+        raise FileNotFoundError(f"{where}: checkpoint folder not found")
+    if not path.is_dir():
+        raise ValueError(f"{where}: not a folder (pass output_dir/{CHECKPOINT_DIR})")
+    state_file = path / STATE_FILE
+    if not state_file.is_file():
+        hint = (
+            f"; did you mean {path / CHECKPOINT_DIR}?"
+            if (path / CHECKPOINT_DIR / STATE_FILE).is_file()
+            else ""
+        )
+        raise ValueError(f"{where}: not a pmrlhf {kind} checkpoint (no {STATE_FILE}){hint}")
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{where}: cannot read {STATE_FILE}: {err}") from None
+    found = state.get("kind") if isinstance(state, dict) else None
+    if found != kind:
+        what = f"a pmrlhf {found} checkpoint" if isinstance(found, str) else "not from sft or rm"
+        raise ValueError(f"{where}: {what}, not a pmrlhf {kind} checkpoint")
+    processes = state.get("processes", 1) if isinstance(state.get("processes", 1), int) else 1
+    for name in (DATA_ORDER_FILE, *(f"random_states_{i}.pkl" for i in range(processes))):
+        if not (path / name).is_file():
+            raise ValueError(f"{where}: incomplete checkpoint, {name} is missing")
+    saved, current = state.get("config", {}), to_dict(config)
+    changed = [
+        f"{name} {saved[name]!r} -> {value!r}"
+        for name, value in current.items()
+        if name not in RESUMABLE_CHANGES and name in saved and saved[name] != value
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
-
-
-def _lr_lambda(kind: str, total: int, warmup: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+    if changed:
+        raise ValueError(
+            f"{where}: the checkpoint was trained with other settings ({'; '.join(changed)}); "
+            "an exact resume needs the same ones (start a new run to change them)"
+        )
+    try:
+        generator_state = load_file(str(path / DATA_ORDER_FILE))["generator"]
+        return Checkpoint(
+            directory=path,
+            step=int(state["step"]),
+            epoch_batches=int(state["epoch_batches"]),
+            processes=int(state["processes"]),
+            scheduler=dict(state["scheduler"]),
+            eval_before=state.get("eval_before"),
+            generator_state=generator_state,
+        )
+    except (KeyError, TypeError, ValueError, OSError) as err:
+        raise ValueError(f"{where}: damaged checkpoint ({type(err).__name__}: {err})") from None
 
 
 # --------------------------------------------------------------------------- the loop
@@ -348,6 +521,17 @@ class LoopResult:
     seconds: float
 
 
+def _gradient_norm(accelerator: Any, model: Any, max_grad_norm: float) -> float | None:
+    """The gradient norm before clipping; clips to ``max_grad_norm`` when it is > 0."""
+    if max_grad_norm > 0:
+        norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    elif accelerator.scaler is None:
+        norm = accelerator.clip_grad_norm_(model.parameters(), math.inf)  # measures, scales by 1
+    else:
+        return None
+    return None if norm is None else float(norm)
+
+
 def train_loop(
     *,
     config: TrainConfig,
@@ -356,15 +540,21 @@ def train_loop(
     train_examples: Sequence[Any],
     collate: Callable[[list[Any]], dict[str, torch.Tensor]],
     loss_fn: Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]],
-    save_checkpoint: Callable[[Any, Path, dict[str, Any]], None],
+    save_checkpoint: Callable[[Any, dict[str, Any], torch.Tensor], Path],
     logger: JsonlLogger,
     name: str,
+    resume: Checkpoint | None = None,
 ) -> tuple[Any, LoopResult]:
     """Train ``model`` on ``train_examples``; returns the prepared model and a summary.
 
     ``loss_fn(model, batch)`` returns the loss and detached per-batch statistics, which are
     averaged over processes and written to ``logger`` with loss, lr, grad norm and step time
-    once per optimizer step.
+    once per optimizer step. ``save_checkpoint(model, state, generator_state)`` runs every
+    ``save_every`` steps. With ``resume``, the run continues from that checkpoint exactly: the
+    data order is the shuffling generator's state at the start of the checkpoint's epoch, and
+    the micro-batches of that epoch already trained on are skipped.
+
+    A non-finite loss or gradient norm raises :class:`NonFiniteError` before the update.
     """
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
@@ -377,47 +567,84 @@ def train_loop(
         collate_fn=collate,
         generator=generator,
     )
-    optimizer = _optimizer(model, config)
+    optimizer = build_optimizer([(model.parameters(), config.lr)], config.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     updates_per_epoch = max(1, math.ceil(len(loader) / config.gradient_accumulation_steps))
     total = config.max_steps or config.epochs * updates_per_epoch
-    warmup = int(config.warmup_ratio * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        getattr(optimizer, "optimizer", optimizer),
-        _lr_lambda(config.lr_scheduler, total, warmup),
+    scheduler = build_scheduler(
+        getattr(optimizer, "optimizer", optimizer), config.lr_schedule, total, config.warmup_steps
     )
-    bar = tqdm(total=total, desc=name, disable=config.quiet or not accelerator.is_main_process)
+    step, skip, last_saved = 0, 0, None
+    if resume is not None:
+        if resume.processes != accelerator.num_processes:
+            raise ValueError(
+                f"--resume {resume.directory}: written by {resume.processes} process(es), "
+                f"resumed on {accelerator.num_processes}; use the same number"
+            )
+        with _quiet_shared_tensor_warning():
+            accelerator.load_state(str(resume.directory))
+        scheduler.load_state_dict(resume.scheduler)
+        generator.set_state(resume.generator_state)
+        step, skip, last_saved = resume.step, resume.epoch_batches, resume.step
+    checkpoint_dir = Path(config.output_dir) / CHECKPOINT_DIR
+
+    def stop(what: str, value: float | None) -> NonFiniteError:
+        kept = (
+            f"the last checkpoint, {checkpoint_dir} (step {last_saved}), is kept"
+            if last_saved is not None
+            else "no checkpoint had been saved (save_every writes one)"
+        )
+        return NonFiniteError(
+            f"training stopped at step {step + 1}: the {what} is {value}; that update was not "
+            f"applied and nothing was saved, {kept}. The learning rate may be too high: try a "
+            f"lower lr (now {config.lr:g})"
+        )
+
+    bar = tqdm(
+        total=total,
+        initial=step,
+        desc=name,
+        disable=config.quiet or not accelerator.is_main_process,
+    )
     model.train()
-    step, last_loss = 0, float("nan")
+    last_loss = float("nan")
     started = time.perf_counter()
     step_start = time.perf_counter()
     pending: list[torch.Tensor] = []
     stat_names: list[str] = []
     while step < total:
-        for batch in loader:
+        epoch_start = generator.get_state()  # the data order of this epoch follows from it
+        consumed = skip
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        skip = 0
+        for batch in batches:
+            consumed += 1
             with accelerator.accumulate(model):
                 loss, stats = loss_fn(model, batch)
                 accelerator.backward(loss)
-                grad_norm = None
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(
-                        model.parameters(), config.max_grad_norm
-                    )
+                stat_names = ["loss", *stats]
+                pending.append(
+                    torch.stack([loss.detach().float(), *(v.float() for v in stats.values())])
+                )
+                if accelerator.sync_gradients:
+                    grad_norm = _gradient_norm(accelerator, model, config.max_grad_norm)
+                    # one collective per step: the stats of this step's micro-batches, averaged
+                    values = accelerator.reduce(torch.stack(pending).mean(0), reduction="mean")
+                    record = dict(zip(stat_names, values.tolist()))
+                    pending = []
+                    if not math.isfinite(record["loss"]):
+                        raise stop("training loss", record["loss"])
+                    # under fp16 the gradient scaler itself skips steps that overflow
+                    overflow = grad_norm is not None and not math.isfinite(grad_norm)
+                    if overflow and accelerator.scaler is None:
+                        raise stop("gradient norm", grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            stat_names = ["loss", *stats]
-            pending.append(
-                torch.stack([loss.detach().float(), *(v.float() for v in stats.values())])
-            )
             if not accelerator.sync_gradients:
                 continue
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1
-            # one collective per step: the stats of this step's micro-batches, averaged
-            values = accelerator.reduce(torch.stack(pending).mean(0), reduction="mean").tolist()
-            pending = []
-            record = dict(zip(stat_names, values))
             last_loss = record["loss"]
             now = time.perf_counter()
             line = {
@@ -425,7 +652,7 @@ def train_loop(
                 "epoch": round(step / updates_per_epoch, 4),
                 **record,
                 "lr": lr,
-                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "grad_norm": grad_norm,
                 "step_seconds": now - step_start,
             }
             step_start = now
@@ -434,9 +661,15 @@ def train_loop(
             bar.update(1)
             bar.set_postfix(loss=f"{last_loss:.4f}", refresh=False)
             if config.save_every and step % config.save_every == 0 and step < total:
-                save_checkpoint(
-                    model, Path(config.output_dir) / f"checkpoint-{step}", {"step": step, **line}
-                )
+                state = {
+                    "step": step,
+                    "epoch_batches": consumed,
+                    "processes": accelerator.num_processes,
+                    "scheduler": scheduler.state_dict(),
+                    "metrics": line,
+                }
+                checkpoint_dir = save_checkpoint(model, state, epoch_start)
+                last_saved = step
             if step >= total:
                 break
     bar.close()
@@ -448,6 +681,24 @@ def train_loop(
     )
 
 
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep only the lines of steps up to ``step`` (those after it are trained again); a line
+    cut short by a crash is dropped too."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
 def write_run_files(output_dir: Path, config: TrainConfig, evaluation: dict[str, Any]) -> Path:
     """``config.yaml`` and ``eval.json`` of a finished run; returns the eval file."""
     import yaml
@@ -456,7 +707,7 @@ def write_run_files(output_dir: Path, config: TrainConfig, evaluation: dict[str,
     (output_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     path = output_dir / "eval.json"
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(evaluation, indent=2) + "\n")
+    tmp.write_text(json.dumps(evaluation, indent=2, allow_nan=False) + "\n")
     tmp.replace(path)
     return path
 
@@ -474,11 +725,14 @@ def fit_and_save(
     loss_fn: Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]],
     evaluate: Callable[[Any, Any], dict[str, Any]],
     name: str,
+    resume: Checkpoint | None = None,
 ) -> dict[str, Any]:
     """Evaluate, train, evaluate again, save; returns the run's result dict.
 
     ``evaluate(model, eval_loader)`` runs on the prepared eval loader of ``eval_examples`` and
     must gather across processes itself; it is skipped when there is nothing to evaluate.
+    ``resume`` (see :func:`read_checkpoint`) continues an interrupted run exactly; its
+    ``metrics.jsonl`` keeps the lines up to the checkpoint's step and continues from there.
     """
     from torch.utils.data import DataLoader
 
@@ -486,7 +740,10 @@ def fit_and_save(
         raise ValueError(f"{config.data}: no training examples left after validation")
     out = Path(config.output_dir)
     metrics_file = out / "metrics.jsonl"
-    logger = JsonlLogger(metrics_file if accelerator.is_main_process else None)
+    main = accelerator.is_main_process
+    if resume is not None and main:
+        _truncate_metrics(metrics_file, resume.step)
+    logger = JsonlLogger(metrics_file if main else None, append=resume is not None)
     eval_loader = None
     if eval_examples:
         eval_loader = accelerator.prepare(
@@ -497,12 +754,23 @@ def fit_and_save(
             )
         )
     model = model.to(accelerator.device)
-    before = (
-        evaluate(model, eval_loader) if eval_loader is not None and config.eval_before else None
-    )
+    if resume is not None:
+        before = resume.eval_before  # of the starting model, measured when the run began
+    elif eval_loader is not None and config.eval_before:
+        before = evaluate(model, eval_loader)
+        bad = _non_finite_entry(before)
+        if bad is not None:
+            raise NonFiniteError(
+                f"the held-out {bad} of the starting model {config.model} is not finite"
+            )
+    else:
+        before = None
 
-    def save_checkpoint(current: Any, directory: Path, state: dict[str, Any]) -> None:
-        save_model(accelerator, current, tokenizer, directory, extra={"trainer_state.json": state})
+    def checkpoint(current: Any, state: dict[str, Any], generator_state: torch.Tensor) -> Path:
+        directory = out / CHECKPOINT_DIR
+        state = {"kind": name, **state, "eval_before": before, "config": to_dict(config)}
+        save_checkpoint(accelerator, current, tokenizer, directory, state, generator_state)
+        return directory
 
     try:
         model, loop = train_loop(
@@ -512,18 +780,25 @@ def fit_and_save(
             train_examples=train_examples,
             collate=collate,
             loss_fn=loss_fn,
-            save_checkpoint=save_checkpoint,
+            save_checkpoint=checkpoint,
             logger=logger,
             name=name,
+            resume=resume,
         )
     finally:
         logger.close()
     after = evaluate(model, eval_loader) if eval_loader is not None else None
+    evaluation = {"before": before, "after": after, "steps": loop.steps}
+    bad = _non_finite_entry(after)
+    if bad is not None:
+        raise NonFiniteError(
+            f"the held-out {bad} after training is not finite, so nothing was saved; "
+            f"try a lower lr (now {config.lr:g})"
+        )
     model_dir = out / "model"
     save_model(accelerator, model, tokenizer, model_dir, merge_lora=config.merge_lora)
-    evaluation = {"before": before, "after": after, "steps": loop.steps}
     eval_file = out / "eval.json"
-    if accelerator.is_main_process:
+    if main:
         write_run_files(out, config, evaluation)
     accelerator.wait_for_everyone()
     return {
