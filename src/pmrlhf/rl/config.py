@@ -9,13 +9,40 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pmrlhf.config import option
 from pmrlhf.optim import OptimConfig
 from pmrlhf.regularizers import REGULARIZERS, make_regularizer
 from pmrlhf.rl.advantages import ADVANTAGE_ESTIMATORS
 from pmrlhf.rl.rewards import is_model_reward
+
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def _unit(value: float) -> bool:
+    return 0 <= value <= 1
+
+
+#: (field, check, what the check requires) for every single-field range check of RLConfig.
+_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    *((name, _positive, "a finite number > 0") for name in
+      ("lr", "critic_lr", "clip", "value_clip", "temperature")),
+    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("gamma", _unit, "in [0, 1]"),
+    ("lam", _unit, "in [0, 1]"),
+    ("max_grad_norm", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 = off)"),
+    ("reward_clip", lambda v: v is None or _positive(v), "a finite number > 0 when set"),
+    *((name, lambda v: v >= 0, ">= 0") for name in
+      ("save_every", "warmup_steps", "min_new_tokens", "top_k")),
+    *((name, lambda v: v >= 1, ">= 1") for name in
+      ("max_steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs",
+       "minibatches", "max_prompt_tokens")),
+)  # fmt: skip
 
 
 class OptimumShiftWarning(UserWarning):
@@ -152,45 +179,18 @@ class RLConfig(OptimConfig):
                 raise ValueError(
                     f"config: {name} must be one of {sorted(registry)}, got {getattr(self, name)!r}"
                 )
-        for name, value in (
-            ("lr", self.lr),
-            ("critic_lr", self.critic_lr),
-            ("clip", self.clip),
-            ("temperature", self.temperature),
-        ):
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"config: {name} must be a finite number > 0, got {value}")
+        for name, ok, requirement in _RANGES:
+            value = getattr(self, name)
+            if not ok(value):
+                raise ValueError(f"config: {name} must be {requirement}, got {value}")
         try:  # the regulariser checks its own parameters (β, and α for cpm)
             make_regularizer(self.regularizer, self.beta, self.alpha)
         except ValueError as err:
             raise ValueError(f"config: {err}") from None
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"config: top_p must lie in (0, 1], got {self.top_p}")
-        for name in ("gamma", "lam"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"config: {name} must lie in [0, 1], got {getattr(self, name)}")
-        if not (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0):
-            raise ValueError(
-                f"config: max_grad_norm must be a finite number >= 0 (0 = off), got {self.max_grad_norm}"
-            )
-        if self.reward_clip is not None and not self.reward_clip > 0:
-            raise ValueError(f"config: reward_clip must be > 0 when set, got {self.reward_clip}")
-        if not self.value_clip > 0:
-            raise ValueError(f"config: value_clip must be > 0, got {self.value_clip}")
-        for name in ("save_every", "warmup_steps", "min_new_tokens", "top_k"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"config: {name} must be >= 0, got {getattr(self, name)}")
-        for name in (
-            "max_steps",
-            "prompts_per_step",
-            "samples_per_prompt",
-            "max_new_tokens",
-            "ppo_epochs",
-            "minibatches",
-            "max_prompt_tokens",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """Checks that involve several fields."""
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(
                 f"config: min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens "

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +31,11 @@ from pmrlhf.rl.advantages import (
     whiten,
 )
 from pmrlhf.rl.config import RLConfig
+from pmrlhf.rl.experience import Experience, PolicyForward
 from pmrlhf.rl.losses import aggregate, clipped_policy_loss, clipped_value_loss
 from pmrlhf.rl.rewards import CallableReward, RewardFn, is_model_reward, load_reward
 from pmrlhf.rl.rollout import Rollout, ValueModel, generate, token_logprobs
+from pmrlhf.rl.timing import PHASES, PhaseTimer, phase_postfix
 from pmrlhf.runtime import (
     JsonlLogger,
     Stopwatch,
@@ -50,80 +50,6 @@ RewardCallable = Callable[[list[str], list[str]], Sequence[float] | Tensor]
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.json"
-#: The timed phases of a step, in order; each is logged as ``time_<phase>`` (seconds).
-PHASES = (
-    "generate",
-    "reward",
-    "reference",
-    "policy_forward",
-    "critic",
-    "backward",
-    "optimizer",
-)
-
-
-class PhaseTimer:
-    """Seconds spent in each named phase of one step.
-
-    On CUDA the device is synchronised before each clock reading, so that asynchronously
-    launched kernels are charged to the phase that launched them; elsewhere nothing waits.
-    """
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.seconds: dict[str, float] = {}
-
-    def reset(self) -> None:
-        self.seconds = {}
-
-    def _now(self) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        start = self._now()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + self._now() - start
-
-
-@dataclass
-class PolicyForward:
-    """The policy's (and critic's) forward over a batch, with the autograd graph."""
-
-    logp: Tensor  # (B, T) log-probs of the response tokens
-    entropy: Tensor  # (B, T) token entropies (no graph)
-    values: Tensor | None  # (B, T) critic values, when there is a critic
-
-
-@dataclass
-class Experience:
-    """One batch of rollouts, sampled and scored: everything :meth:`RLTrainer.update` needs.
-
-    All per-token tensors are (B, T) over the response positions, zero (or ignored) where
-    ``mask`` is 0; B = prompts_per_step × samples_per_prompt, a prompt's samples consecutive.
-    """
-
-    prompts: list[str]
-    sequences: Tensor  # (B, P + T) prompt (left-padded) and response ids
-    attention_mask: Tensor  # (B, P + T)
-    prompt_length: int  # P
-    mask: Tensor  # (B, T) float: 1 on response tokens up to and including EOS
-    raw_reward: Tensor  # (B,) as the reward returned it
-    reward: Tensor  # (B,) the reward trained on (clipped to ±reward_clip when set)
-    ref_logp: Tensor | None  # (B, T) reference log-probs; None when the regulariser needs none
-    old_logp: Tensor  # (B, T) detached log-probs under the policy that sampled
-    old_values: Tensor | None  # (B, T) detached critic values; None without a critic
-    penalty: Tensor  # (B, T) the regulariser's per-token penalty p_t
-    advantages: Tensor  # (B, T)
-    returns: Tensor | None  # (B, T) value targets; None without a critic
-    #: One-pass mode only (see ``RLTrainer._score_with_rollout_policy``): the forward, with its
-    #: graph, whose detached outputs are ``old_logp``/``old_values``; ``update`` differentiates
-    #: it instead of running the policy again. None otherwise.
-    first_forward: PolicyForward | None = None
 
 
 class RLTrainer:
@@ -328,7 +254,9 @@ class RLTrainer:
         """One epoch over one minibatch: the policy that sampled is the one being updated."""
         return self.config.ppo_epochs == 1 and self.config.minibatches == 1
 
-    def _forward(self, sequences: Tensor, attention_mask: Tensor, prompt_length: int):
+    def _forward(
+        self, sequences: Tensor, attention_mask: Tensor, prompt_length: int
+    ) -> PolicyForward:
         """Policy log-probs and entropies (and critic values), with the autograd graph."""
         with self.timer.phase("policy_forward"):
             logp, entropy = token_logprobs(
@@ -623,7 +551,7 @@ class RLTrainer:
                 for key, value in metrics.items():
                     board.add_scalar(f"rl/{key}", value, self.step)
             bar.update(1)
-            bar.set_postfix(_postfix(metrics))
+            bar.set_postfix(phase_postfix(metrics))
             if c.save_every and self.step % c.save_every == 0 and self.step < c.max_steps:
                 self.save_checkpoint()
         bar.close()
@@ -640,29 +568,6 @@ class RLTrainer:
 
 def _mean(values: list[float]) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
-
-
-_SHORT = {
-    "generate": "gen",
-    "reward": "rew",
-    "reference": "ref",
-    "policy_forward": "fwd",
-    "critic": "critic",
-    "backward": "bwd",
-    "optimizer": "opt",
-}
-
-
-def _postfix(metrics: dict[str, float]) -> dict[str, str]:
-    """The progress bar's postfix: reward, penalty and the step's seconds per phase."""
-    times = " ".join(
-        f"{_SHORT[p]} {metrics[f'time_{p}']:.2f}" for p in PHASES if f"time_{p}" in metrics
-    )
-    return {
-        "reward": f"{metrics['reward_mean']:.3f}",
-        "pen": f"{metrics['penalty_mean']:.3f}",
-        "s": f"{metrics['step_seconds']:.2f} ({times})",
-    }
 
 
 def _summary(history: list[dict[str, float]], seconds: float, out: Path) -> dict[str, Any]:
