@@ -66,10 +66,14 @@ def test_reinforce_pp_uses_a_leave_one_out_global_baseline():
 
 
 @pytest.mark.parametrize("batch", [2, 3, 4])
-def test_reinforce_pp_gradient_estimate_is_unbiased_on_a_two_token_bandit(batch):
-    """E[mean_i A_i ∇log π(y_i)] equals ∇ E_π[r − β log π] exactly, by enumerating every batch.
+@pytest.mark.parametrize("lengths", [(1, 1), (1, 2)])
+def test_reinforce_pp_gradient_estimate_is_unbiased_on_a_two_token_bandit(batch, lengths):
+    """E[mean_i Σ_t A_it ∇log π(y_it)] equals ∇ E_π[return] exactly, by enumerating every batch.
 
-    A global baseline that includes the sample's own return shrinks this by (1 − 1/B).
+    The first token picks one of two responses; with lengths (1, 2) the second response has a
+    further, deterministic token (∇log π = 0 there) that carries part of its reward. A global
+    baseline that includes the sample's own return scales the estimate by (1 − 1/B) for equal
+    lengths, and by a factor that depends on the lengths and returns for unequal ones.
     """
     import itertools
 
@@ -77,16 +81,22 @@ def test_reinforce_pp_gradient_estimate_is_unbiased_on_a_two_token_bandit(batch)
     logits = torch.tensor([0.3, -0.4], dtype=torch.float64)
     probs = torch.softmax(logits, -1)
     reward = torch.tensor([1.0, -0.5], dtype=torch.float64)
-    shaped = reward - beta * probs.log()  # the per-token reward of the one token
+    first = reward - beta * probs.log()  # −β log π of the choice, plus the reward ...
+    rows = torch.zeros(2, 2, dtype=torch.float64)
+    masks = torch.zeros(2, 2, dtype=torch.float64)
+    for y, length in enumerate(lengths):
+        masks[y, :length] = 1.0
+        rows[y, 0] = first[y]
+    if lengths[1] == 2:  # ... part of which arrives on the deterministic second token
+        rows[1, 0], rows[1, 1] = first[1] - 2.0, 2.0
+    returns = (rows * masks).sum(-1)
     eye = torch.eye(2, dtype=torch.float64)
-    true_gradient = sum(probs[y] * shaped[y] * (eye[y] - probs) for y in range(2))
+    true_gradient = sum(probs[y] * returns[y] * (eye[y] - probs) for y in range(2))
     expected_estimate = torch.zeros(2, dtype=torch.float64)
     for ys in itertools.product(range(2), repeat=batch):
         chance = torch.prod(torch.stack([probs[y] for y in ys]))
-        token_rewards = shaped[list(ys)].unsqueeze(-1)  # (B, 1)
-        mask = torch.ones_like(token_rewards)
-        a = adv.reinforce_pp_advantages(token_rewards, mask).squeeze(-1)
-        estimate = sum(a[i] * (eye[y] - probs) for i, y in enumerate(ys)) / batch
+        a = adv.reinforce_pp_advantages(rows[list(ys)], masks[list(ys)])
+        estimate = sum(a[i, 0] * (eye[y] - probs) for i, y in enumerate(ys)) / batch
         expected_estimate += chance * estimate
     torch.testing.assert_close(expected_estimate, true_gradient)
 
