@@ -17,9 +17,11 @@ a step (data fetch, generation, old/ref log-probs, reward, loss, backward, clip,
 scheduler, callbacks). A pmrlhf step is one ``RLTrainer.train_step()``. The first ``warmup`` steps
 of every side are dropped; set-up (model building, loading, trainer construction) is never timed.
 
-Prints one JSON object (also written to ``--json`` if given). ``--profile`` adds a phase breakdown
-(mean of three extra pmrlhf kl steps) and prints a cProfile of one more step to stderr. ``--dry-run`` checks
-the arguments, prints the resolved plan (with the exact parameter count) and exits.
+Prints one JSON object (also written to ``--json`` if given). Every pmrlhf side reports where its
+step time goes (generate, reward, reference, policy forward, backward, optimizer), read from the
+``time_*`` metrics that ``RLTrainer.train_step()`` records itself. ``--profile`` adds that breakdown
+for the kl side under ``profile`` and prints a cProfile of one more step to stderr. ``--dry-run``
+checks the arguments, prints the resolved plan (with the exact parameter count) and exits.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ import sys
 import tempfile
 import time
 import warnings
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +161,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--model-dir", type=Path, help="reuse/write the model folder here")
     p.add_argument("--json", type=Path, help="also write the result JSON to this file")
-    p.add_argument("--profile", action="store_true", help="phase breakdown of a pmrlhf kl step")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="phase breakdown of the pmrlhf kl side, and a cProfile of one more step",
+    )
     p.add_argument("--dry-run", action="store_true", help="check arguments, print the plan, exit")
     args = p.parse_args(argv)
 
@@ -343,11 +348,10 @@ def make_pmrlhf(args: argparse.Namespace, model_dir: Path, regularizer: str, out
 
     config = RLConfig(
         policy=str(model_dir),
-        reward=f"{Path(__file__).resolve()}:count_word",  # validate() wants a spec; fn passed below
         algo="rloo",
         regularizer=regularizer,
         beta=args.beta,
-        steps=10**9,  # the constant schedule ignores it; train_step() is driven from here
+        max_steps=10**9,  # the constant schedule ignores it; train_step() is driven from here
         prompts_per_step=args.prompts_per_step,
         samples_per_prompt=args.samples_per_prompt,
         ppo_epochs=1,
@@ -369,7 +373,7 @@ def make_pmrlhf(args: argparse.Namespace, model_dir: Path, regularizer: str, out
 
 
 class PmrlhfSide:
-    """One pmrlhf RLTrainer plus its per-step times and a length check."""
+    """One pmrlhf RLTrainer plus its per-step times, phase times and a length check."""
 
     def __init__(self, name: str, trainer, args: argparse.Namespace):
         self.name = name
@@ -377,6 +381,7 @@ class PmrlhfSide:
         self.args = args
         self.times: list[float] = []
         self.lengths: list[float] = []
+        self.phases: list[dict[str, float]] = []
 
     def step(self) -> None:
         device = self.args.device
@@ -385,6 +390,10 @@ class PmrlhfSide:
         self.times.append(now(device) - start)
         # mean length == new_tokens with every length <= new_tokens means all are exactly it
         self.lengths.append(metrics["response_length"])
+        # the trainer times its own phases (synchronising CUDA) and logs them as time_<phase>
+        phases = {k[len("time_") :]: v for k, v in metrics.items() if k.startswith("time_")}
+        phases["total"] = metrics["step_seconds"]
+        self.phases.append(phases)
 
 
 def make_trl(args: argparse.Namespace, model_dir: Path, out: Path, callbacks: list):
@@ -563,73 +572,31 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- profiling
-def profile_step(side: PmrlhfSide, device: str, repeats: int = 3) -> dict[str, Any]:
-    """Phase breakdown of pmrlhf steps (wrappers on this trainer instance only), mean over
-    ``repeats`` steps, then one more step under cProfile whose top functions go to stderr."""
-    trainer = side.trainer
-    inside_generate = [False]
-    phases: dict[str, float] = defaultdict(float)
+def phase_breakdown(side: PmrlhfSide, args: argparse.Namespace) -> dict[str, Any]:
+    """Mean seconds per phase over the side's timed steps, from the trainer's own metrics.
 
-    def timed(name, fn, skip_in_generate=False):
-        def wrapper(*a, **k):
-            if skip_in_generate and inside_generate[0]:
-                return fn(*a, **k)  # the policy's forward inside generate() counts as generate
-            start = now(device)
-            if name == "generate":
-                inside_generate[0] = True
-            try:
-                return fn(*a, **k)
-            finally:
-                if name == "generate":
-                    inside_generate[0] = False
-                phases[name] += now(device) - start
+    ``other`` is the rest of ``step_seconds`` (prompt choice, shaping, advantages, metrics).
+    """
+    runs = side.phases[args.warmup :]
+    keys = sorted({k for r in runs for k in r}, key=lambda k: -sum(r.get(k, 0.0) for r in runs))
+    seconds = {k: statistics.fmean(r.get(k, 0.0) for r in runs) for k in keys}
+    seconds["other"] = seconds["total"] - sum(v for k, v in seconds.items() if k != "total")
+    total = seconds["total"]
+    share = {k: round(v / total, 3) for k, v in seconds.items() if k != "total"}
+    rounded = {k: round(v, 4) for k, v in seconds.items()}
+    return {"side": side.name, "steps": len(runs), "mean_seconds": rounded, "share": share}
 
-        return wrapper
 
-    policy = trainer.accelerator.unwrap_model(trainer.policy)
-    patched = [
-        (trainer, "_rollout", "generate", False),
-        (trainer, "reward_fn", "reward", False),
-        (trainer.accelerator, "backward", "backward", False),
-        (trainer.accelerator, "clip_grad_norm_", "clip_grad_norm", False),
-        (trainer.optimizer, "step", "optimizer_step", False),
-        (policy, "forward", "policy_forward", True),
-    ]
-    if trainer.ref is not None:
-        patched.append((trainer.ref, "forward", "ref_forward", False))
-    originals = [(obj, attr, obj.__dict__.get(attr)) for obj, attr, _, _ in patched]
-    for obj, attr, name, skip in patched:
-        setattr(obj, attr, timed(name, getattr(obj, attr), skip))
-    runs: list[dict[str, float]] = []
-    try:
-        for _ in range(repeats):
-            phases.clear()
-            start = now(device)
-            trainer.train_step()
-            total = now(device) - start
-            run = dict(phases)
-            run["other"] = total - sum(phases.values())
-            run["total"] = total
-            runs.append(run)
-    finally:
-        for obj, attr, original in originals:
-            if original is None:
-                delattr(obj, attr)  # the class attribute shows through again
-            else:
-                setattr(obj, attr, original)
+def cprofile_step(side: PmrlhfSide) -> None:
+    """Run one more step of ``side`` under cProfile; print the top functions to stderr."""
     profiler = cProfile.Profile()
     profiler.enable()
-    trainer.train_step()
+    side.trainer.train_step()
     profiler.disable()
     stream = io.StringIO()
     pstats.Stats(profiler, stream=stream).sort_stats("tottime").print_stats(20)
-    print("[bench] cProfile of one pmrlhf step, by own time:", file=sys.stderr)
+    print(f"[bench] cProfile of one {side.name} step, by own time:", file=sys.stderr)
     print(stream.getvalue(), file=sys.stderr)
-    keys = sorted({k for r in runs for k in r}, key=lambda k: -sum(r.get(k, 0.0) for r in runs))
-    seconds = {k: round(statistics.fmean(r.get(k, 0.0) for r in runs), 4) for k in keys}
-    total = seconds["total"]
-    share = {k: round(v / total, 3) for k, v in seconds.items() if k != "total"}
-    return {"side": side.name, "steps": repeats, "mean_seconds": seconds, "share": share}
 
 
 # ---------------------------------------------------------------------------------- main
@@ -690,6 +657,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for side in pm_sides:
             sides[side.name] = summarize(side.times, args)
             sides[side.name]["completion_tokens_mean"] = round(statistics.fmean(side.lengths), 3)
+            sides[side.name]["phase_seconds"] = phase_breakdown(side, args)["mean_seconds"]
         result.update(sides)
 
         lengths_ok = all(abs(x - args.new_tokens) < 1e-6 for s in pm_sides for x in s.lengths)
@@ -726,7 +694,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["goal"] = goal
         if args.profile and pm_sides:
             target = by_name.get("pmrlhf_kl", pm_sides[0])
-            result["profile"] = profile_step(target, args.device)
+            result["profile"] = phase_breakdown(target, args)
+            cprofile_step(target)
     return result
 
 

@@ -39,7 +39,8 @@ def test_optima_differ_between_regularizers():
 
 def test_bandit_cli_json(capsys):
     assert (
-        main(["bandit", "--rewards", "1,0", "--regularizer", "pm", "--steps", "60", "--json"]) == 0
+        main(["bandit", "--rewards", "1,0", "--regularizer", "pm", "--max-steps", "60", "--json"])
+        == 0
     )
     out = json.loads(capsys.readouterr().out)
     assert set(out) >= {"learned", "optimum", "reference", "tv_max", "tv_per_prompt"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -12,13 +13,21 @@ from pmrlhf.regularizers import (
     CPMRegularizer,
     KLRegularizer,
     PMRegularizer,
+    Regularizer,
     cpm_penalty,
     kl_penalty,
     make_regularizer,
     meaningful_tokens,
     pm_penalty,
+    register_regularizer,
+    sequence_probs,
 )
-from pmrlhf.theory import cpm_effective_objective
+from pmrlhf.theory import (
+    cpm_effective_objective,
+    cpm_optimal_policy,
+    kl_optimal_policy,
+    pm_optimal_policy,
+)
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
@@ -183,8 +192,9 @@ def test_invalid_alpha_is_rejected(alpha):
 def test_invalid_beta_is_rejected(name, beta):
     with pytest.raises(ValueError, match="beta"):
         make_regularizer(name, beta, alpha=0.1)
+    params = {"alpha": 0.1} if name == "cpm" else {}  # cpm's α has no default
     with pytest.raises(ValueError, match="beta"):
-        REGULARIZERS[name](beta=beta)
+        REGULARIZERS[name](beta=beta, **params)
 
 
 def test_shape_mismatch_is_rejected_with_the_shapes():
@@ -228,3 +238,81 @@ def test_make_regularizer_by_name():
         make_regularizer("dpo", 0.1)
     with pytest.raises(ValueError, match="alpha"):
         make_regularizer("cpm", 0.1)
+
+
+def test_make_regularizer_passes_only_the_fields_a_class_declares():
+    assert make_regularizer("kl", 0.1, alpha=0.3) == KLRegularizer(beta=0.1)  # α ignored
+    assert make_regularizer("cpm", 0.5, alpha=0.3) == CPMRegularizer(beta=0.5, alpha=0.3)
+    with pytest.raises(ValueError, match=r"'pm' regularizer has no parameter\(s\) \['gamma'\]"):
+        make_regularizer("pm", 1.0, gamma=2.0)
+    with pytest.raises(TypeError, match="alpha"):
+        CPMRegularizer(beta=1.0)  # type: ignore[call-arg]
+
+
+def test_register_regularizer_checks_what_it_registers():
+    with pytest.raises(TypeError, match="Regularizer subclass"):
+        register_regularizer("not-a-regularizer")(int)  # type: ignore[type-var]
+
+    class Undecorated(PMRegularizer):
+        pass
+
+    with pytest.raises(TypeError, match="dataclass"):
+        register_regularizer("undecorated")(Undecorated)
+
+    @dataclasses.dataclass(frozen=True)
+    class Impostor(PMRegularizer):
+        pass
+
+    with pytest.raises(ValueError, match="'pm' is already taken by PMRegularizer"):
+        register_regularizer("pm")(Impostor)
+    assert REGULARIZERS["pm"] is PMRegularizer
+
+
+REWARD = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 0.5]], dtype=torch.float64)
+REF = torch.tensor([[0.1, 0.3, 0.6], [0.5, 0.2, 0.3]], dtype=torch.float64)
+
+
+def test_builtin_optima_are_the_closed_forms_of_theory():
+    beta, alpha = 0.7, 0.25
+    token_probs = REF.unsqueeze(-1)
+    torch.testing.assert_close(
+        make_regularizer("pm", beta).optimal_policy(REWARD, token_probs),
+        pm_optimal_policy(REWARD, beta),
+    )
+    torch.testing.assert_close(
+        make_regularizer("kl", beta).optimal_policy(REWARD, token_probs),
+        kl_optimal_policy(REWARD, REF, beta),
+    )
+    torch.testing.assert_close(
+        make_regularizer("cpm", beta, alpha).optimal_policy(REWARD, token_probs),
+        cpm_optimal_policy(REWARD, token_probs, torch.ones_like(token_probs), alpha, beta),
+    )
+
+
+def test_kl_optimum_of_multi_token_responses_uses_the_sequence_probability():
+    token_probs = torch.tensor([[[0.5, 0.2], [0.9, 0.7], [0.3, 0.25]]], dtype=torch.float64)
+    token_mask = torch.tensor([[[1, 1], [1, 0], [1, 1]]], dtype=torch.bool)
+    ref = torch.tensor([[0.5 * 0.2, 0.9, 0.3 * 0.25]], dtype=torch.float64)
+    torch.testing.assert_close(sequence_probs(token_probs, token_mask), ref)
+    reward = torch.tensor([[1.0, 0.0, 2.0]], dtype=torch.float64)
+    torch.testing.assert_close(
+        make_regularizer("kl", 0.5).optimal_policy(reward, token_probs, token_mask),
+        kl_optimal_policy(reward, ref, 0.5),
+    )
+
+
+@pytest.mark.parametrize("name", sorted(REGULARIZERS))
+def test_each_registered_optimum_is_a_fixed_point_of_its_penalty(name):
+    """At π*, the shaped return ``r_y − β p_y`` of every one-token response is the same
+    constant: the stationarity condition of ``max_π E_π[r − β p]`` on the simplex."""
+    regularizer = make_regularizer(name, 0.7, alpha=0.25)
+    optimum = regularizer.optimal_policy(REWARD, REF.unsqueeze(-1))
+    torch.testing.assert_close(optimum.sum(-1), torch.ones(2, dtype=torch.float64))
+    mask = torch.ones_like(REWARD, dtype=torch.bool)
+    shaped = REWARD + regularizer.token_rewards(optimum.log(), REF.log(), mask)
+    torch.testing.assert_close(shaped - shaped[:, :1], torch.zeros_like(shaped))
+
+
+def test_the_base_class_has_no_optimum():
+    with pytest.raises(NotImplementedError, match="closed-form"):
+        Regularizer(beta=1.0).optimal_policy(REWARD, REF.unsqueeze(-1))

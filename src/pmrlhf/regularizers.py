@@ -4,15 +4,33 @@ The shaped per-token reward is ``−β · p_t``, with the sequence reward added 
 token. All functions take (..., T) tensors of log-probabilities for the sampled tokens and a mask
 of the real response positions; masked positions get a penalty of exactly zero, whatever values
 (even ``-inf`` or ``nan``) they hold.
+
+Regularisers are registered by name (:func:`register_regularizer`); each class states its
+per-token penalty and its closed-form optimum over a finite response set, which is what
+``pmrlhf bandit`` checks training against. A new regulariser is one class::
+
+    @register_regularizer("my-reg")
+    @dataclass(frozen=True)
+    class MyRegularizer(Regularizer):
+        needs_ref = True
+        def penalty(self, logp, ref_logp, mask): ...
+        def optimal_policy(self, reward, ref_token_probs, token_mask=None): ...
+
+after which ``regularizer: my-reg`` works in ``pmrlhf rl``, ``pmrlhf bandit`` and Python.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
+
+from pmrlhf.theory import cpm_optimal_policy, kl_optimal_policy, pm_optimal_policy
 
 __all__ = [
     "REGULARIZERS",
@@ -25,6 +43,8 @@ __all__ = [
     "make_regularizer",
     "meaningful_tokens",
     "pm_penalty",
+    "register_regularizer",
+    "sequence_probs",
 ]
 
 
@@ -82,13 +102,32 @@ def cpm_penalty(logp: Tensor, ref_logp: Tensor, mask: Tensor, alpha: float) -> T
     return _masked(torch.where(meaningful, logp, logp - ref_logp), mask)
 
 
+def sequence_probs(token_probs: Tensor, token_mask: Tensor | None = None) -> Tensor:
+    """``Π_t p_t`` over each response's real tokens: (..., N, T) -> (..., N)."""
+    if token_mask is None:
+        return token_probs.prod(-1)
+    _check_shapes(token_probs=token_probs, token_mask=token_mask)
+    return torch.where(token_mask.bool(), token_probs, torch.ones_like(token_probs)).prod(-1)
+
+
 @dataclass(frozen=True)
 class Regularizer:
-    """Base class: a named per-token penalty with strength β that states what it needs."""
+    """Base class: a named per-token penalty with strength β that states what it needs.
+
+    Subclasses are frozen dataclasses; their fields (besides ``beta``) are the regulariser's
+    parameters, which :func:`make_regularizer` fills by name. A subclass defines
+    :meth:`penalty` and, for the bandit check, :meth:`optimal_policy`.
+    """
 
     beta: float = 1.0
-    name = "base"
-    needs_ref = False
+    #: The registry name, set by :func:`register_regularizer`.
+    name: ClassVar[str] = "base"
+    #: Whether :meth:`penalty` reads reference log-probs (the trainer loads π_ref only then).
+    needs_ref: ClassVar[bool] = False
+    #: Whether the run aims at the closed form exactly, as preference matching does: settings
+    #: that clip the reward or rescale β are then flagged too (see ``RLConfig``), not only the
+    #: sampling settings that move every regulariser's optimum.
+    exact_target: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         _check_beta(self.beta)
@@ -100,40 +139,93 @@ class Regularizer:
         """The shaped per-token reward ``−β p_t`` (sequence reward not included)."""
         return -self.beta * self.penalty(logp, ref_logp, mask)
 
+    def optimal_policy(
+        self, reward: Tensor, ref_token_probs: Tensor, token_mask: Tensor | None = None
+    ) -> Tensor:
+        """The closed-form optimum over a finite set of N responses to one prompt.
+
+        ``reward``: (..., N); ``ref_token_probs``: (..., N, T), the reference probability of each
+        response token; ``token_mask``: (..., N, T), the real tokens (default: all). Returns the
+        optimal probabilities, (..., N).
+        """
+        raise NotImplementedError(f"the {self.name!r} regulariser states no closed-form optimum")
+
     def _require_ref(self, ref_logp: Tensor | None) -> Tensor:
         if ref_logp is None:
             raise ValueError(f"the {self.name!r} regulariser needs reference log-probs (ref_logp)")
         return ref_logp
 
 
+#: name -> regulariser class. Live: a class registered later shows up in every option's choices.
+REGULARIZERS: dict[str, type[Regularizer]] = {}
+
+R = TypeVar("R", bound=type[Regularizer])
+
+
+def register_regularizer(name: str) -> Callable[[R], R]:
+    """Class decorator: make a :class:`Regularizer` subclass available under ``name``."""
+
+    def register(cls: R) -> R:
+        if not (isinstance(cls, type) and issubclass(cls, Regularizer)):
+            raise TypeError(f"register_regularizer({name!r}) expects a Regularizer subclass")
+        if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__:
+            raise TypeError(f"{cls.__name__} must be a @dataclass(frozen=True)")
+        known = REGULARIZERS.get(name)
+        same = known is not None and (known.__module__, known.__qualname__) == (
+            cls.__module__,
+            cls.__qualname__,
+        )
+        if known is not None and not same:
+            raise ValueError(f"regularizer name {name!r} is already taken by {known.__name__}")
+        cls.name = name
+        REGULARIZERS[name] = cls
+        return cls
+
+    return register
+
+
+@register_regularizer("kl")
 @dataclass(frozen=True)
 class KLRegularizer(Regularizer):
-    """Standard RLHF: reverse KL to the reference model."""
+    """Standard RLHF: reverse KL to the reference model; optimum ``π_ref · exp(r/β) / Z``."""
 
-    name = "kl"
     needs_ref = True
+    exact_target = False
 
     def penalty(self, logp: Tensor, ref_logp: Tensor | None, mask: Tensor) -> Tensor:
         return kl_penalty(logp, self._require_ref(ref_logp), mask)
 
+    def optimal_policy(
+        self, reward: Tensor, ref_token_probs: Tensor, token_mask: Tensor | None = None
+    ) -> Tensor:
+        return kl_optimal_policy(reward, sequence_probs(ref_token_probs, token_mask), self.beta)
 
+
+@register_regularizer("pm")
 @dataclass(frozen=True)
 class PMRegularizer(Regularizer):
     """Preference matching: ``−log π``; its optimum is ``softmax(r/β)``."""
 
-    name = "pm"
     needs_ref = False
 
     def penalty(self, logp: Tensor, ref_logp: Tensor | None, mask: Tensor) -> Tensor:
         return pm_penalty(logp, mask)
 
+    def optimal_policy(
+        self, reward: Tensor, ref_token_probs: Tensor, token_mask: Tensor | None = None
+    ) -> Tensor:
+        return pm_optimal_policy(reward, self.beta)
 
+
+@register_regularizer("cpm")
 @dataclass(frozen=True)
 class CPMRegularizer(Regularizer):
-    """Conditional PM: the PM term on tokens the reference finds plausible (π_ref > α)."""
+    """Conditional PM: the PM term on tokens the reference finds plausible (π_ref > α).
 
-    alpha: float = 0.1
-    name = "cpm"
+    Its effective optimum is ``exp(r/β) · Π_{t: π_ref ≤ α} π_ref(y_t|s_t) / Z``.
+    """
+
+    alpha: float = dataclasses.field(kw_only=True)
     needs_ref = True
 
     def __post_init__(self) -> None:
@@ -143,20 +235,35 @@ class CPMRegularizer(Regularizer):
     def penalty(self, logp: Tensor, ref_logp: Tensor | None, mask: Tensor) -> Tensor:
         return cpm_penalty(logp, self._require_ref(ref_logp), mask, self.alpha)
 
+    def optimal_policy(
+        self, reward: Tensor, ref_token_probs: Tensor, token_mask: Tensor | None = None
+    ) -> Tensor:
+        mask = torch.ones_like(ref_token_probs) if token_mask is None else token_mask
+        return cpm_optimal_policy(reward, ref_token_probs, mask, self.alpha, self.beta)
 
-REGULARIZERS: dict[str, type[Regularizer]] = {
-    "kl": KLRegularizer,
-    "pm": PMRegularizer,
-    "cpm": CPMRegularizer,
-}
 
+def make_regularizer(
+    name: str, beta: float, alpha: float | None = None, **params: Any
+) -> Regularizer:
+    """Build a registered regulariser by name. The name is always explicit, never inferred from α.
 
-def make_regularizer(name: str, beta: float, alpha: float | None = None) -> Regularizer:
-    """Build a regulariser by name. The name is always explicit, never inferred from α."""
+    ``beta``, ``alpha`` and ``params`` are passed to the fields the class declares; a value the
+    class has no field for is ignored when it is None or α (the CLI always carries an α), and an
+    error otherwise. A field without default must be given.
+    """
     if name not in REGULARIZERS:
         raise ValueError(f"unknown regularizer {name!r}; choose one of {sorted(REGULARIZERS)}")
-    if name == "cpm":
-        if alpha is None:
-            raise ValueError("the 'cpm' regularizer needs alpha in (0, 1)")
-        return CPMRegularizer(beta=beta, alpha=alpha)
-    return REGULARIZERS[name](beta=beta)
+    cls = REGULARIZERS[name]
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(k for k, v in params.items() if k not in fields and v is not None)
+    if unknown:
+        raise ValueError(f"the {name!r} regularizer has no parameter(s) {unknown}")
+    given = {"beta": beta, "alpha": alpha, **params}
+    kwargs = {k: v for k, v in given.items() if k in fields and v is not None}
+    for field_name, field in fields.items():
+        required = (
+            field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+        )
+        if required and field_name not in kwargs:
+            raise ValueError(f"the {name!r} regularizer needs {field_name}")
+    return cls(**kwargs)

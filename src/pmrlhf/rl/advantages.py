@@ -4,12 +4,41 @@
 plus the sequence reward at the last one. ``mask`` marks the response tokens (right-padded).
 None of the estimators normalises by a standard deviation: that would rescale β and break the
 preference-matching target (spec §5).
+
+Estimators are registered by name (:func:`register_advantage`) with one signature,
+``(token_rewards, mask, values, settings) -> (advantages, returns or None)``; the trainer looks
+the configured ``algo`` up in :data:`ADVANTAGE_ESTIMATORS`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+
+def add_sequence_reward(token_rewards: Tensor, reward: Tensor, mask: Tensor) -> Tensor:
+    """The shaped per-token rewards with each sequence's reward added at its last response token.
+
+    ``token_rewards``: (B, T) per-token rewards (``−β p_t``); ``reward``: (B,); ``mask``: (B, T)
+    right-padded response mask. A row without response tokens gets its reward at position 0.
+    """
+    out = token_rewards.clone()
+    last = (mask.sum(-1).long() - 1).clamp_min(0)
+    out[torch.arange(mask.shape[0], device=mask.device), last] += reward
+    return out
+
+
+def whiten(advantages: Tensor, mask: Tensor) -> Tensor:
+    """Advantages minus their masked batch mean, divided by their masked batch std.
+
+    This rescales β and so moves the PM optimum; it runs only when asked for.
+    """
+    mean = (advantages * mask).sum() / mask.sum()
+    std = (((advantages - mean) * mask) ** 2).sum().div(mask.sum()).sqrt()
+    return (advantages - mean) / (std + 1e-8) * mask
 
 
 def sequence_returns(token_rewards: Tensor, mask: Tensor) -> Tensor:
@@ -79,12 +108,114 @@ def group_mean_advantages(returns: Tensor, group_size: int) -> Tensor:
 
 
 def reinforce_pp_advantages(token_rewards: Tensor, mask: Tensor, gamma: float = 1.0) -> Tensor:
-    """REINFORCE++: per-token rewards-to-go minus one global (batch-wide) baseline."""
+    """REINFORCE++: per-token rewards-to-go minus a leave-one-out global baseline.
+
+    The baseline of sequence ``i`` is the mean rewards-to-go over the response tokens of every
+    *other* sequence in the batch, ``b_i = Σ_{j≠i} Σ_t G_jt / Σ_{j≠i} T_j``. Leaving the sample's
+    own return out keeps the baseline independent of the sampled response, so the gradient
+    estimate is unbiased; a batch-wide mean that includes it is biased by O(1/B). A batch of one
+    sequence has no other samples and gets baseline 0.
+    """
     togo = rewards_to_go(token_rewards, mask, gamma)
-    baseline = togo.sum() / mask.sum().clamp_min(1)
-    return (togo - baseline) * mask
+    own_sum, own_count = togo.sum(-1), mask.sum(-1)
+    others_sum = own_sum.sum() - own_sum
+    others_count = own_count.sum() - own_count
+    baseline = others_sum / others_count.clamp_min(1)
+    return (togo - baseline.unsqueeze(-1)) * mask
 
 
 def broadcast_to_tokens(sequence_advantages: Tensor, mask: Tensor) -> Tensor:
     """Give every response token its sequence's advantage."""
     return sequence_advantages.unsqueeze(-1) * mask
+
+
+# --------------------------------------------------------------------------- the registry
+@dataclass(frozen=True)
+class AdvantageSettings:
+    """What an estimator may read besides the rewards: the batch layout and the discounts."""
+
+    group_size: int  # samples per prompt; a prompt's samples are consecutive in the batch
+    gamma: float = 1.0
+    lam: float = 0.95
+
+
+EstimatorFn = Callable[
+    [Tensor, Tensor, Tensor | None, AdvantageSettings], tuple[Tensor, Tensor | None]
+]
+
+
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    """A registered estimator: ``fn(token_rewards, mask, values, settings)`` returns
+    ``(advantages, returns)``; ``returns`` are the value targets, None without a critic."""
+
+    name: str
+    fn: EstimatorFn
+    needs_critic: bool = False
+    min_group_size: int = 1
+
+    def __call__(
+        self,
+        token_rewards: Tensor,
+        mask: Tensor,
+        values: Tensor | None,
+        settings: AdvantageSettings,
+    ) -> tuple[Tensor, Tensor | None]:
+        if self.needs_critic and values is None:
+            raise ValueError(f"the {self.name!r} estimator needs critic values")
+        return self.fn(token_rewards, mask, values, settings)
+
+
+#: algo name -> estimator. Live: an estimator registered later shows up in the ``algo`` choices.
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+
+
+def register_advantage(
+    name: str, *, needs_critic: bool = False, min_group_size: int = 1
+) -> Callable[[EstimatorFn], EstimatorFn]:
+    """Function decorator: make ``fn`` the advantage estimator of ``algo: name``.
+
+    ``needs_critic`` makes the trainer build and train a value model (PPO);
+    ``min_group_size`` is the smallest ``samples_per_prompt`` the estimator accepts.
+    """
+
+    def register(fn: EstimatorFn) -> EstimatorFn:
+        ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(name, fn, needs_critic, min_group_size)
+        return fn
+
+    return register
+
+
+@register_advantage("ppo", needs_critic=True)
+def ppo_estimator(
+    token_rewards: Tensor, mask: Tensor, values: Tensor | None, settings: AdvantageSettings
+) -> tuple[Tensor, Tensor | None]:
+    """PPO: GAE(γ, λ) on the critic's values; the returns are the critic's targets."""
+    assert values is not None  # AdvantageEstimator checks needs_critic
+    return gae(token_rewards, values, mask, settings.gamma, settings.lam)
+
+
+@register_advantage("rloo", min_group_size=2)
+def rloo_estimator(
+    token_rewards: Tensor, mask: Tensor, values: Tensor | None, settings: AdvantageSettings
+) -> tuple[Tensor, Tensor | None]:
+    """RLOO: each sequence's return minus the mean of its prompt's other samples."""
+    returns = sequence_returns(token_rewards, mask)
+    return broadcast_to_tokens(rloo_advantages(returns, settings.group_size), mask), None
+
+
+@register_advantage("grpo", min_group_size=2)
+def grpo_estimator(
+    token_rewards: Tensor, mask: Tensor, values: Tensor | None, settings: AdvantageSettings
+) -> tuple[Tensor, Tensor | None]:
+    """GRPO without std normalisation: return minus the mean of the prompt's samples."""
+    returns = sequence_returns(token_rewards, mask)
+    return broadcast_to_tokens(group_mean_advantages(returns, settings.group_size), mask), None
+
+
+@register_advantage("reinforce_pp")
+def reinforce_pp_estimator(
+    token_rewards: Tensor, mask: Tensor, values: Tensor | None, settings: AdvantageSettings
+) -> tuple[Tensor, Tensor | None]:
+    """REINFORCE++: discounted rewards-to-go minus a leave-one-out global baseline."""
+    return reinforce_pp_advantages(token_rewards, mask, settings.gamma), None

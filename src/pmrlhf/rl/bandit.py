@@ -3,11 +3,14 @@
 Each prompt is answered by one token out of K. A tiny causal LM is first fitted so that its
 next-token distribution equals ``--ref`` (the reference model), then trained from there by the
 same RL trainer that fine-tunes real models, with rewards looked up in ``--rewards``. At the end
-the learned distribution is compared with the exact optimum from :mod:`pmrlhf.theory`:
+the learned distribution is compared with the regulariser's own closed-form optimum
+(``Regularizer.optimal_policy``), for example:
 
     pm   softmax(r/β)
     kl   π_ref · exp(r/β) / Z
     cpm  exp(r/β) · π_ref^[π_ref ≤ α] / Z     (spec §4, one-token responses)
+
+Any registered regulariser can be trained and checked (``--regularizer NAME``).
 
 Rows of ``--rewards`` and ``--ref`` are separated by ';' (one row per prompt).
 """
@@ -24,8 +27,9 @@ from typing import Any
 import torch
 
 from pmrlhf.metrics import total_variation
-from pmrlhf.rl.config import ALGORITHMS, RLConfig
-from pmrlhf.theory import cpm_optimal_policy, kl_optimal_policy, pm_optimal_policy
+from pmrlhf.regularizers import REGULARIZERS, make_regularizer
+from pmrlhf.rl.advantages import ADVANTAGE_ESTIMATORS
+from pmrlhf.rl.config import RLConfig
 
 # Budgets found to converge to TV ≤ 0.03 for every algorithm × regulariser (see tests).
 DEFAULT_STEPS = 300
@@ -156,13 +160,9 @@ def fit_reference(folder: Path, problem: BanditProblem, steps: int = 400, seed: 
 def closed_form(
     problem: BanditProblem, reference: torch.Tensor, regularizer: str, beta: float, alpha: float
 ) -> torch.Tensor:
-    if regularizer == "pm":
-        return pm_optimal_policy(problem.rewards, beta)
-    if regularizer == "kl":
-        return kl_optimal_policy(problem.rewards, reference, beta)
-    token_probs = reference.unsqueeze(-1)
-    return cpm_optimal_policy(
-        problem.rewards, token_probs, torch.ones_like(token_probs), alpha, beta
+    """The registered regulariser's optimum for one-token responses with ``reference`` as π_ref."""
+    return make_regularizer(regularizer, beta, alpha).optimal_policy(
+        problem.rewards, reference.unsqueeze(-1)
     )
 
 
@@ -172,7 +172,7 @@ def run_bandit(
     algo: str = "rloo",
     beta: float = 1.0,
     alpha: float = 0.3,
-    steps: int = DEFAULT_STEPS,
+    max_steps: int = DEFAULT_STEPS,
     lr: float = DEFAULT_LR,
     samples_per_prompt: int = 16,
     seed: int = 0,
@@ -196,12 +196,11 @@ def run_bandit(
     fit_reference(model_dir, problem, seed=seed)
     config = RLConfig(
         policy=str(model_dir),
-        reward="bandit-table",
         algo=algo,
         regularizer=regularizer,
         beta=beta,
         alpha=alpha,
-        steps=steps,
+        max_steps=max_steps,
         prompts_per_step=len(problem.prompts) * 2,
         samples_per_prompt=samples_per_prompt,
         max_new_tokens=1,
@@ -231,8 +230,8 @@ def run_bandit(
         "regularizer": regularizer,
         "algo": algo,
         "beta": beta,
-        "alpha": alpha if regularizer == "cpm" else None,
-        "steps": steps,
+        "alpha": getattr(trainer.regularizer, "alpha", None),
+        "max_steps": max_steps,
         "seconds": summary["seconds"],
     }
     if own_dir:
@@ -252,17 +251,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ref", default=None, help="reference distribution(s), same layout (default: uniform)"
     )
     parser.add_argument(
-        "--regularizer", default="pm", choices=["kl", "pm", "cpm"], help="regulariser (default: pm)"
+        "--regularizer", default="pm", choices=REGULARIZERS, help="regulariser (default: pm)"
     )
     parser.add_argument(
-        "--algo", default="rloo", choices=list(ALGORITHMS), help="algorithm (default: rloo)"
+        "--algo", default="rloo", choices=ADVANTAGE_ESTIMATORS, help="algorithm (default: rloo)"
     )
     parser.add_argument(
         "--beta", type=float, default=1.0, help="regularisation strength β (default: 1)"
     )
     parser.add_argument("--alpha", type=float, default=0.3, help="cpm threshold α (default: 0.3)")
     parser.add_argument(
-        "--steps", type=int, default=DEFAULT_STEPS, help=f"RL steps (default: {DEFAULT_STEPS})"
+        "--max-steps",
+        "--steps",
+        dest="max_steps",
+        type=int,
+        default=DEFAULT_STEPS,
+        help=f"RL steps (default: {DEFAULT_STEPS})",
     )
     parser.add_argument(
         "--lr", type=float, default=DEFAULT_LR, help=f"learning rate (default: {DEFAULT_LR})"
@@ -308,7 +312,7 @@ def _run(args: argparse.Namespace, problem: BanditProblem) -> BanditResult:
         algo=args.algo,
         beta=args.beta,
         alpha=args.alpha,
-        steps=args.steps,
+        max_steps=args.max_steps,
         lr=args.lr,
         samples_per_prompt=args.samples_per_prompt,
         seed=args.seed,
@@ -320,7 +324,7 @@ def _run(args: argparse.Namespace, problem: BanditProblem) -> BanditResult:
 def _print_result(args: argparse.Namespace, problem: BanditProblem, result: BanditResult) -> None:
     print(
         f"{args.algo} / {args.regularizer}  β={args.beta}"
-        + (f"  α={args.alpha}" if args.regularizer == "cpm" else "")
+        + (f"  α={args.alpha}" if result.extra["alpha"] is not None else "")
     )
 
     def fmt(table: torch.Tensor, row: int) -> str:

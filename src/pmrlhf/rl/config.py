@@ -1,21 +1,60 @@
-"""The typed configuration of an RL run. Each field's help is its ``pmrlhf rl --help`` entry."""
+"""The typed configuration of an RL run. Each field's help is its ``pmrlhf rl --help`` entry.
+
+An :class:`RLConfig` cannot be built wrong: every check runs in ``__post_init__`` and names the
+field. The ``algo`` and ``regularizer`` choices are the live registries of
+:mod:`pmrlhf.rl.advantages` and :mod:`pmrlhf.regularizers`.
+"""
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pmrlhf.config import option
+from pmrlhf.optim import OptimConfig
+from pmrlhf.regularizers import REGULARIZERS, make_regularizer
+from pmrlhf.rl.advantages import ADVANTAGE_ESTIMATORS
+from pmrlhf.rl.rewards import is_model_reward
 
-ALGORITHMS = ("ppo", "rloo", "grpo", "reinforce_pp")
+
+def _positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
 
 
-class PMSafetyWarning(UserWarning):
+def _unit(value: float) -> bool:
+    return 0 <= value <= 1
+
+
+#: (field, check, what the check requires) for every single-field range check of RLConfig.
+_RANGES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    *((name, _positive, "a finite number > 0") for name in
+      ("lr", "critic_lr", "clip", "value_clip", "temperature")),
+    ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ("gamma", _unit, "in [0, 1]"),
+    ("lam", _unit, "in [0, 1]"),
+    ("max_grad_norm", lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 = off)"),
+    ("reward_clip", lambda v: v is None or _positive(v), "a finite number > 0 when set"),
+    *((name, lambda v: v >= 0, ">= 0") for name in
+      ("save_every", "warmup_steps", "min_new_tokens", "top_k")),
+    *((name, lambda v: v >= 1, ">= 1") for name in
+      ("max_steps", "prompts_per_step", "samples_per_prompt", "max_new_tokens", "ppo_epochs",
+       "minibatches", "max_prompt_tokens")),
+)  # fmt: skip
+
+
+class OptimumShiftWarning(UserWarning):
+    """A setting that silently moves the optimum away from the regulariser's closed form."""
+
+
+class PMSafetyWarning(OptimumShiftWarning):
     """A setting that silently moves the optimum away from the preference-matching target."""
 
 
 @dataclass
-class RLConfig:
+class RLConfig(OptimConfig):
     # models
     policy: str | None = option(None, help="policy: HF hub id, local folder or .gguf file")
     ref: str | None = option(
@@ -24,7 +63,7 @@ class RLConfig:
     )
     reward: str | None = option(
         None,
-        help="reward: a reward-model folder (from `pmrlhf rm`) or a Python callable 'module:function' / 'file.py:function' taking (prompts, completions) and returning floats",
+        help="reward: a reward-model folder (from `pmrlhf rm`) or a Python callable 'module:function' / 'file.py:function' taking (prompts, completions) and returning floats; optional when a reward_fn is passed in Python",
     )
     critic_init: str = option(
         "auto",
@@ -46,11 +85,15 @@ class RLConfig:
         256, help="prompts longer than this many tokens are dropped (and counted)"
     )
     # algorithm
-    algo: str = option("rloo", help="policy-gradient algorithm", choices=list(ALGORITHMS))
+    algo: str = option(
+        "rloo",
+        help="policy-gradient algorithm (its advantage estimator)",
+        choices=ADVANTAGE_ESTIMATORS,
+    )
     regularizer: str = option(
         "pm",
-        help="per-token regulariser: kl (standard RLHF), pm (preference matching) or cpm (conditional PM)",
-        choices=["kl", "pm", "cpm"],
+        help="per-token regulariser: kl (standard RLHF), pm (preference matching), cpm (conditional PM) or any registered one",
+        choices=REGULARIZERS,
     )
     beta: float = option(
         1.0, help="regularisation strength β; β=1 with pm is exact preference matching"
@@ -59,7 +102,7 @@ class RLConfig:
         0.1,
         help="cpm threshold α in (0,1): tokens with π_ref > α get the PM term, the rest the KL term",
     )
-    steps: int = option(100, help="number of optimisation steps (one generation batch each)")
+    max_steps: int = option(100, help="number of RL steps (one generation batch each)")
     prompts_per_step: int = option(8, help="prompts per step and process")
     samples_per_prompt: int = option(
         4, help="responses sampled per prompt (k; RLOO/GRPO need at least 2)"
@@ -76,7 +119,7 @@ class RLConfig:
     minibatches: int = option(1, help="minibatches per pass")
     loss_aggregation: str = option(
         "seq-mean-token-sum",
-        help="how per-token losses are reduced: seq-mean-token-sum (unbiased, no length weighting) or token-mean",
+        help="how per-token losses are reduced: seq-mean-token-sum (unbiased, no length weighting) or token-mean (the same direction, scaled by the batch's token count)",
         choices=["seq-mean-token-sum", "token-mean"],
     )
     reward_clip: float | None = option(
@@ -88,7 +131,9 @@ class RLConfig:
     )
     # generation
     max_new_tokens: int = option(32, help="maximum response length in tokens")
-    min_new_tokens: int = option(0, help="minimum response length in tokens")
+    min_new_tokens: int = option(
+        0, help="minimum response length in tokens (>0 forbids early EOS: moves the target)"
+    )
     temperature: float = option(
         1.0, help="sampling temperature during rollouts (≠1 breaks the PM target)"
     )
@@ -98,17 +143,10 @@ class RLConfig:
         None,
         help="HF generation cache ('static' is fastest on GPU); default: static on CUDA, dynamic on CPU",
     )
-    # optimisation
-    lr: float = option(1e-5, help="policy learning rate")
+    # optimisation (the shared fields lr, weight_decay, lr_schedule, warmup_steps,
+    # max_grad_norm, seed and dtype come from OptimConfig)
+    lr: float = option(1e-5, help="policy learning rate (peak, AdamW)")
     critic_lr: float = option(1e-5, help="critic learning rate (PPO)")
-    weight_decay: float = option(0.0, help="AdamW weight decay")
-    warmup_steps: int = option(0, help="linear learning-rate warm-up steps")
-    lr_schedule: str = option(
-        "constant",
-        help="learning-rate schedule after warm-up",
-        choices=["constant", "linear", "cosine"],
-    )
-    max_grad_norm: float = option(1.0, help="gradient-norm clip (0 = off)")
     dtype: str = option(
         "auto",
         help="compute precision: auto (bf16 on a GPU that supports it, else fp32), fp32, bf16 or "
@@ -116,7 +154,6 @@ class RLConfig:
         "reference and reward models are held in this dtype",
         choices=["auto", "fp32", "bf16", "fp16"],
     )
-    seed: int = option(0, help="random seed")
     # output
     output_dir: str = option(
         "runs/rl", help="folder for metrics.jsonl, checkpoints and the final policy"
@@ -127,60 +164,90 @@ class RLConfig:
     )
     quiet: bool = option(False, help="no progress bar and no final summary printout")
 
+    def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        self.validate()
+
     def validate(self) -> None:
+        """Raise ValueError naming the first field that is out of range (runs on construction)."""
         if not self.policy:
             raise ValueError("config: `policy` is required (a hub id, folder or .gguf file)")
-        if not self.reward:
+        for name, registry in (("algo", ADVANTAGE_ESTIMATORS), ("regularizer", REGULARIZERS)):
+            if getattr(self, name) not in registry:
+                raise ValueError(
+                    f"config: {name} must be one of {sorted(registry)}, got {getattr(self, name)!r}"
+                )
+        for name, ok, requirement in _RANGES:
+            value = getattr(self, name)
+            if not ok(value):
+                raise ValueError(f"config: {name} must be {requirement}, got {value}")
+        try:  # the regulariser checks its own parameters (β, and α for cpm)
+            make_regularizer(self.regularizer, self.beta, self.alpha)
+        except ValueError as err:
+            raise ValueError(f"config: {err}") from None
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """Checks that involve several fields."""
+        if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(
-                "config: `reward` is required (a reward-model folder or 'module:function')"
+                f"config: min_new_tokens ({self.min_new_tokens}) must be <= max_new_tokens "
+                f"({self.max_new_tokens})"
             )
-        if self.beta <= 0:
-            raise ValueError(f"config: beta must be > 0, got {self.beta}")
-        if self.regularizer == "cpm" and not 0 < self.alpha < 1:
-            raise ValueError(f"config: alpha must lie in (0, 1) for cpm, got {self.alpha}")
-        if self.algo in ("rloo", "grpo") and self.samples_per_prompt < 2:
+        estimator = ADVANTAGE_ESTIMATORS[self.algo]
+        if self.samples_per_prompt < estimator.min_group_size:
             raise ValueError(
-                f"config: {self.algo} needs samples_per_prompt >= 2, got {self.samples_per_prompt}"
+                f"config: {self.algo} needs samples_per_prompt >= {estimator.min_group_size}, "
+                f"got {self.samples_per_prompt}"
             )
-        for name in (
-            "steps",
-            "prompts_per_step",
-            "samples_per_prompt",
-            "max_new_tokens",
-            "ppo_epochs",
-            "minibatches",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"config: {name} must be >= 1, got {getattr(self, name)}")
         batch = self.prompts_per_step * self.samples_per_prompt
         if batch % self.minibatches:
             raise ValueError(
                 f"config: batch of {batch} responses does not split into {self.minibatches} minibatches"
             )
-
-    def pm_safety_issues(self) -> list[str]:
-        """Settings that silently break the PM target (spec §5); empty for kl runs."""
-        if self.regularizer == "kl":
-            return []
-        issues = []
-        if self.normalize_advantages:
-            issues.append("normalize_advantages divides by a batch std, which rescales β")
-        if self.reward_clip is not None:
-            issues.append(
-                f"reward_clip={self.reward_clip} clips the reward, so π no longer ∝ exp(r/β)"
+        callable_reward = self.reward is not None and not is_model_reward(self.reward)
+        if estimator.needs_critic and self.critic_init == "reward" and callable_reward:
+            raise ValueError(
+                f"config: critic_init 'reward' starts the critic from a reward model, but "
+                f"reward is the callable {self.reward!r}; use critic_init 'policy' or 'auto'"
             )
+
+    def optimum_shift_issues(self) -> list[str]:
+        """Settings that silently move the optimum away from the regulariser's closed form.
+
+        Sampling settings (temperature, top-p, top-k, min_new_tokens) move every regulariser's
+        optimum, kl's included, because rollouts are then not drawn from the π that is scored.
+        For regularisers that aim at their closed form exactly (pm, cpm), reward clipping and
+        advantage normalisation are flagged too (spec §5). The global ``token-mean`` loss only
+        rescales each batch's step, so it leaves the fixed point where it is and is not flagged.
+        """
+        issues = []
+        if REGULARIZERS[self.regularizer].exact_target:
+            if self.normalize_advantages:
+                issues.append("normalize_advantages divides by a batch std, which rescales β")
+            if self.reward_clip is not None:
+                issues.append(
+                    f"reward_clip={self.reward_clip} clips the reward, so π no longer ∝ exp(r/β)"
+                )
         if self.temperature != 1.0:
             issues.append(f"temperature={self.temperature}: rollouts are not drawn from π")
         if self.top_p < 1.0:
             issues.append(f"top_p={self.top_p}: rollouts are not drawn from π")
         if self.top_k > 0:
             issues.append(f"top_k={self.top_k}: rollouts are not drawn from π")
-        if self.loss_aggregation == "token-mean" and self.max_new_tokens > 1:
-            issues.append("loss_aggregation=token-mean weights sequences by length")
+        if self.min_new_tokens > 0:
+            issues.append(
+                f"min_new_tokens={self.min_new_tokens} forbids EOS for the first "
+                f"{self.min_new_tokens} tokens: rollouts are not drawn from π"
+            )
         return issues
 
-    def warn_pm_safety(self) -> None:
-        for issue in self.pm_safety_issues():
-            warnings.warn(
-                f"{self.regularizer} target at risk: {issue}", PMSafetyWarning, stacklevel=2
-            )
+    def warn_optimum_shift(self) -> None:
+        """Warn once per issue: PMSafetyWarning for pm/cpm-like runs, OptimumShiftWarning for kl."""
+        regularizer = REGULARIZERS[self.regularizer]
+        category = PMSafetyWarning if regularizer.exact_target else OptimumShiftWarning
+        target = "target" if regularizer.exact_target else "optimum (π_ref·exp(r/β)/Z for kl)"
+        for issue in self.optimum_shift_issues():
+            warnings.warn(f"{self.regularizer} {target} moves: {issue}", category, stacklevel=2)

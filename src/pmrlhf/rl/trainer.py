@@ -1,19 +1,20 @@
-"""The RL training loop. One step:
+"""The RL training loop. One step is two named halves:
 
-    prompts ─> generate ─> reward, ref log-probs (kl/cpm only), values (PPO) ─> policy forward
-            ─> per-token penalty ─> shaped rewards ─> advantages ─> losses ─> optimizer step
+    make_experience(prompts)   generate ─> reward ─> reference log-probs (kl/cpm) ─> old
+                               log-probs and values ─> shaped per-token rewards ─> advantages
+    update(experience)         epochs × minibatches: policy (and value) loss ─> backward ─>
+                               gradient clip ─> optimizer step; then the lr schedule
 
 Each arrow is a function from :mod:`pmrlhf.rl.rollout`, :mod:`pmrlhf.regularizers`,
 :mod:`pmrlhf.rl.advantages` or :mod:`pmrlhf.rl.losses`; this file only strings them together,
-handles devices through ``accelerate``, and writes metrics and checkpoints.
+handles devices through ``accelerate``, times the phases, and writes metrics and checkpoints.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pmrlhf.optim import build_optimizer, build_scheduler, compute_dtype, mixed_precision
 from pmrlhf.regularizers import make_regularizer
-from pmrlhf.rl import advantages as adv
+from pmrlhf.rl.advantages import (
+    ADVANTAGE_ESTIMATORS,
+    AdvantageSettings,
+    add_sequence_reward,
+    whiten,
+)
 from pmrlhf.rl.config import RLConfig
+from pmrlhf.rl.experience import Experience, PolicyForward
 from pmrlhf.rl.losses import aggregate, clipped_policy_loss, clipped_value_loss
 from pmrlhf.rl.rewards import CallableReward, RewardFn, is_model_reward, load_reward
 from pmrlhf.rl.rollout import Rollout, ValueModel, generate, token_logprobs
+from pmrlhf.rl.timing import PHASES, PhaseTimer, phase_postfix
 from pmrlhf.runtime import (
     JsonlLogger,
     Stopwatch,
@@ -36,22 +45,11 @@ from pmrlhf.runtime import (
     set_seed,
 )
 
+#: A reward passed from Python: ``fn(prompts, completions)`` returning one float per completion.
+RewardCallable = Callable[[list[str], list[str]], Sequence[float] | Tensor]
+
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.json"
-
-
-def _lr_lambda(config: RLConfig):
-    def factor(step: int) -> float:
-        if config.warmup_steps and step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        if config.lr_schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if config.lr_schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return factor
 
 
 class RLTrainer:
@@ -65,18 +63,21 @@ class RLTrainer:
     def __init__(
         self,
         config: RLConfig,
-        reward_fn: RewardFn | None = None,
+        reward_fn: RewardCallable | None = None,
         prompts: Sequence[str] | None = None,
         allowed_token_ids: list[int] | None = None,
         accelerator=None,
     ):
         from accelerate import Accelerator
 
-        config.validate()
-        config.warn_pm_safety()
+        config.validate()  # again: the fields may have been changed since construction
+        if reward_fn is None and not config.reward:
+            raise ValueError(
+                "config: `reward` is required (a reward-model folder or 'module:function') "
+                "unless a reward_fn is passed to RLTrainer"
+            )
+        config.warn_optimum_shift()
         self.config = config
-        from pmrlhf.training import mixed_precision
-
         self.accelerator = accelerator or Accelerator(
             cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision(config.dtype)
         )
@@ -84,26 +85,33 @@ class RLTrainer:
         # Trained models keep fp32 weights and optimizer state, computing under autocast, so
         # that small updates (lr 1e-6 in the paper) are not rounded away; the frozen reference
         # and reward models are held directly in the compute dtype.
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-            str(self.accelerator.mixed_precision), torch.float32
-        )
+        self.dtype = compute_dtype(str(self.accelerator.mixed_precision))
         self.allowed_token_ids = allowed_token_ids
-        self._rollout_copy = None
+        self._rollout_copy: Any = None
         self.regularizer = make_regularizer(config.regularizer, config.beta, config.alpha)
+        self.estimator = ADVANTAGE_ESTIMATORS[config.algo]
+        self.timer = PhaseTimer(self.device)
         set_seed(config.seed)
-        self._load_models(reward_fn)
+        policy, critic = self._load_models(reward_fn)
+        optimizer, scheduler = self._build_optimizer(policy, critic)
+        self._prepare(policy, critic, optimizer, scheduler)
         self.prompts = list(prompts) if prompts is not None else self._load_prompts()
         if not self.prompts:
             raise ValueError("no prompts to train on")
         self.step = 0
 
     # ------------------------------------------------------------------ set-up
-    def _load_models(self, reward_fn: RewardFn | None) -> None:
+    def _load_models(self, reward_fn: RewardCallable | None) -> tuple[Any, ValueModel | None]:
+        """Load tokenizer, policy, reference (if the regulariser needs one), reward and critic.
+
+        Returns the (unprepared) trained models: the policy, and the critic when the
+        estimator needs one. The frozen ones are set on ``self``.
+        """
         from pmrlhf import lora
         from pmrlhf.models import load_tokenizer
 
         c = self.config
-        assert c.policy is not None and c.reward is not None
+        assert c.policy is not None  # RLConfig.validate
         self.tokenizer = load_tokenizer(c.policy, padding_side="left")
         policy = lora.load_policy_model(c.policy, dtype=torch.float32)
         policy.generation_config.pad_token_id = self.tokenizer.pad_token_id
@@ -113,31 +121,55 @@ class RLTrainer:
                 c.ref or c.policy, dtype=self.dtype, device=self.device
             ).eval()
             self.ref.requires_grad_(False)
-        self.reward_fn = (
-            CallableReward(reward_fn)
-            if reward_fn is not None
-            else load_reward(c.reward, self.device, self.dtype)
-        )
-        self.critic = None
-        params = [{"params": [p for p in policy.parameters() if p.requires_grad], "lr": c.lr}]
-        if c.algo == "ppo":
-            init = c.critic_init
-            if init == "auto":
-                init = "reward" if is_model_reward(c.reward) and reward_fn is None else "policy"
-            critic = ValueModel(
-                lora.load_scoring_model(
-                    c.reward if init == "reward" else c.policy, dtype=torch.float32
+        if reward_fn is not None:
+            self.reward_fn: RewardFn = CallableReward(reward_fn)
+        else:
+            assert c.reward  # checked in __init__
+            self.reward_fn = load_reward(c.reward, self.device, self.dtype)
+        critic = None
+        if self.estimator.needs_critic:
+            source = self._critic_source(reward_fn)
+            critic = ValueModel(lora.load_scoring_model(source, dtype=torch.float32))
+        return policy, critic
+
+    def _critic_source(self, reward_fn: RewardCallable | None) -> str:
+        """The model the critic starts from: the reward model (the paper) or the policy."""
+        c = self.config
+        assert c.policy is not None
+        model_reward = c.reward is not None and is_model_reward(c.reward)
+        init = c.critic_init
+        if init == "auto":
+            init = "reward" if model_reward and reward_fn is None else "policy"
+        if init == "reward":
+            if not model_reward:
+                raise ValueError(
+                    "config: critic_init 'reward' needs `reward` to be a reward-model folder; "
+                    "use critic_init 'policy' or 'auto' with a reward function"
                 )
-            )
-            params.append({"params": list(critic.parameters()), "lr": c.critic_lr})
-            self.critic = critic
-        optimizer = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(c))
-        if self.critic is not None:
+            assert c.reward is not None
+            return c.reward
+        return c.policy
+
+    def _build_optimizer(
+        self, policy: torch.nn.Module, critic: torch.nn.Module | None
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+        """AdamW over the policy (lr) and critic (critic_lr), and the lr schedule."""
+        c = self.config
+        groups = [(list(policy.parameters()), c.lr)]
+        if critic is not None:
+            groups.append((list(critic.parameters()), c.critic_lr))
+        optimizer = build_optimizer(groups, c.weight_decay)
+        scheduler = build_scheduler(optimizer, c.lr_schedule, c.max_steps, c.warmup_steps)
+        return optimizer, scheduler
+
+    def _prepare(self, policy, critic, optimizer, scheduler) -> None:
+        """Hand the trained models, optimizer and schedule to accelerate (DDP, FSDP, ...)."""
+        if critic is not None:
             self.policy, self.critic, self.optimizer, self.scheduler = self.accelerator.prepare(
-                policy, self.critic, optimizer, scheduler
+                policy, critic, optimizer, scheduler
             )
         else:
+            self.critic = None
             self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(
                 policy, optimizer, scheduler
             )
@@ -156,7 +188,7 @@ class RLTrainer:
         )
         return [record.prompt for record in records]
 
-    # ------------------------------------------------------------------ one step
+    # ------------------------------------------------------------------ sampling
     def _step_prompts(self) -> list[str]:
         """Prompts of this step on this process: a pure function of (seed, step, rank)."""
         c = self.config
@@ -216,79 +248,132 @@ class RLTrainer:
         model.train(was_training)
         return rollout
 
-    def _advantages(
-        self, token_rewards: Tensor, mask: Tensor, values: Tensor | None
-    ) -> tuple[Tensor, Tensor | None]:
-        c = self.config
-        if c.algo == "ppo":
-            assert values is not None
-            return adv.gae(token_rewards, values, mask, c.gamma, c.lam)
-        if c.algo == "reinforce_pp":
-            return adv.reinforce_pp_advantages(token_rewards, mask, c.gamma), None
-        returns = adv.sequence_returns(token_rewards, mask)
-        if c.algo == "rloo":
-            seq_adv = adv.rloo_advantages(returns, c.samples_per_prompt)
-        else:
-            seq_adv = adv.group_mean_advantages(returns, c.samples_per_prompt)
-        return adv.broadcast_to_tokens(seq_adv, mask), None
+    # ------------------------------------------------------------------ scoring
+    @property
+    def one_pass(self) -> bool:
+        """One epoch over one minibatch: the policy that sampled is the one being updated."""
+        return self.config.ppo_epochs == 1 and self.config.minibatches == 1
 
-    def _shape(
-        self,
-        old_logp: Tensor,
-        ref_logp: Tensor | None,
-        mask: Tensor,
-        reward: Tensor,
-        old_values: Tensor | None,
-    ):
-        """Per-token rewards −β·p_t plus the sequence reward at the last token, and advantages.
+    def _forward(
+        self, sequences: Tensor, attention_mask: Tensor, prompt_length: int
+    ) -> PolicyForward:
+        """Policy log-probs and entropies (and critic values), with the autograd graph."""
+        with self.timer.phase("policy_forward"):
+            logp, entropy = token_logprobs(
+                self.policy,
+                sequences,
+                attention_mask,
+                prompt_length,
+                with_entropy=True,
+                allowed_token_ids=self.allowed_token_ids,
+            )
+        values = None
+        if self.critic is not None:
+            with self.timer.phase("critic"):
+                values = self.critic(sequences, attention_mask, prompt_length)
+        assert entropy is not None  # with_entropy=True
+        return PolicyForward(logp, entropy, values)
 
-        Computed once per batch from the detached log-probs of the rollout policy (the sampled
-        estimator of spec §5).
+    def _score_with_rollout_policy(
+        self, sequences: Tensor, attention_mask: Tensor, prompt_length: int
+    ) -> tuple[Tensor, Tensor | None, PolicyForward | None]:
+        """Old log-probs and values: the sampling policy's scores of its own samples.
+
+        This is the one place of the one-pass shortcut. With one epoch over one minibatch
+        (:attr:`one_pass`), the old policy *is* the current one, so the forward that
+        :meth:`update` needs for the gradient runs here, with its graph, and its detached
+        outputs are the old log-probs and values: one policy forward per step, not two. It is
+        returned so that the experience carries it to :meth:`update`. Otherwise a separate
+        no-grad forward scores the batch and nothing is carried.
+        """
+        if self.one_pass:
+            forward = self._forward(sequences, attention_mask, prompt_length)
+            values = forward.values.detach() if forward.values is not None else None
+            return forward.logp.detach(), values, forward
+        with torch.no_grad():
+            with self.timer.phase("policy_forward"):
+                logp = token_logprobs(
+                    self.policy,
+                    sequences,
+                    attention_mask,
+                    prompt_length,
+                    allowed_token_ids=self.allowed_token_ids,
+                )[0]
+            values = None
+            if self.critic is not None:
+                with self.timer.phase("critic"):
+                    values = self.critic(sequences, attention_mask, prompt_length)
+        return logp, values, None
+
+    def make_experience(self, prompts: list[str]) -> Experience:
+        """Sample responses to ``prompts`` and score them: rewards, log-probs, advantages.
+
+        The shaped per-token rewards are the regulariser's ``−β p_t`` plus the sequence reward
+        at the last response token, computed from the detached log-probs of the sampling policy
+        (the sampled estimator of spec §5); the configured estimator turns them into advantages.
         """
         c = self.config
-        penalty = self.regularizer.penalty(old_logp, ref_logp, mask)
-        token_rewards = -c.beta * penalty
-        last = (mask.sum(-1).long() - 1).clamp_min(0)
-        token_rewards[torch.arange(mask.shape[0], device=mask.device), last] += reward
-        advantages, returns = self._advantages(token_rewards, mask, old_values)
-        if c.normalize_advantages:
-            mean = (advantages * mask).sum() / mask.sum()
-            std = (((advantages - mean) * mask) ** 2).sum().div(mask.sum()).sqrt()
-            advantages = (advantages - mean) / (std + 1e-8) * mask
-        return penalty, advantages, returns
-
-    def train_step(self) -> dict[str, float]:
-        c = self.config
-        watch = Stopwatch()
-        rollout = self._rollout(self._step_prompts())
+        with self.timer.phase("generate"):
+            rollout = self._rollout(prompts)
         seq, attn, P = rollout.sequences, rollout.attention_mask, rollout.prompt_length
         mask = rollout.response_mask.float()
-        restrict = self.allowed_token_ids
-        # With one pass over one minibatch, the old log-probs are the current ones, detached:
-        # the policy's forward pass then serves both the rewards and the gradient.
-        fused = c.ppo_epochs == 1 and c.minibatches == 1
-
         with torch.no_grad():
-            raw_reward = self.reward_fn(rollout.prompts, rollout.responses).to(self.device).float()
-            reward = (
-                raw_reward
-                if c.reward_clip is None
-                else raw_reward.clamp(-c.reward_clip, c.reward_clip)
-            )
-            ref_logp = (
-                token_logprobs(self.ref, seq, attn, P, allowed_token_ids=restrict)[0]
-                if self.ref is not None
-                else None
-            )
-            old_logp = old_values = penalty = advantages = returns = None
-            if not fused:
-                old_logp = token_logprobs(self.policy, seq, attn, P, allowed_token_ids=restrict)[0]
-                old_values = self.critic(seq, attn, P) if self.critic is not None else None
-                penalty, advantages, returns = self._shape(
-                    old_logp, ref_logp, mask, reward, old_values
+            with self.timer.phase("reward"):
+                raw_reward = self.reward_fn(rollout.prompts, rollout.responses)
+                raw_reward = raw_reward.to(self.device).float()
+                reward = (
+                    raw_reward
+                    if c.reward_clip is None
+                    else raw_reward.clamp(-c.reward_clip, c.reward_clip)
                 )
+            ref_logp = None
+            if self.ref is not None:
+                with self.timer.phase("reference"):
+                    ref_logp = token_logprobs(
+                        self.ref, seq, attn, P, allowed_token_ids=self.allowed_token_ids
+                    )[0]
+        old_logp, old_values, first_forward = self._score_with_rollout_policy(seq, attn, P)
+        with torch.no_grad():
+            penalty = self.regularizer.penalty(old_logp, ref_logp, mask)
+            token_rewards = add_sequence_reward(
+                self.regularizer.token_rewards(old_logp, ref_logp, mask), reward, mask
+            )
+            settings = AdvantageSettings(c.samples_per_prompt, c.gamma, c.lam)
+            advantages, returns = self.estimator(token_rewards, mask, old_values, settings)
+            if c.normalize_advantages:
+                advantages = whiten(advantages, mask)
+        return Experience(
+            prompts=list(rollout.prompts),
+            sequences=seq,
+            attention_mask=attn,
+            prompt_length=P,
+            mask=mask,
+            raw_reward=raw_reward,
+            reward=reward,
+            ref_logp=ref_logp,
+            old_logp=old_logp,
+            old_values=old_values,
+            penalty=penalty,
+            advantages=advantages,
+            returns=returns,
+            first_forward=first_forward,
+        )
 
-        n = seq.shape[0]
+    # ------------------------------------------------------------------ learning
+    def _minibatch_forward(self, experience: Experience, idx: Tensor) -> PolicyForward:
+        """The forward of one minibatch: the carried one in one-pass mode, else a fresh one."""
+        if experience.first_forward is not None:  # see _score_with_rollout_policy
+            forward, experience.first_forward = experience.first_forward, None
+            return forward
+        return self._forward(
+            experience.sequences[idx], experience.attention_mask[idx], experience.prompt_length
+        )
+
+    def update(self, experience: Experience) -> dict[str, float]:
+        """Epochs × minibatches of clipped policy (and value) losses, each followed by a
+        gradient step; then one step of the lr schedule. Returns the mean losses."""
+        c = self.config
+        n = experience.sequences.shape[0]
         stats: dict[str, list[float]] = {
             "policy_loss": [],
             "value_loss": [],
@@ -298,69 +383,84 @@ class RLTrainer:
         for _epoch in range(c.ppo_epochs):
             order = torch.randperm(n) if c.minibatches > 1 else torch.arange(n)
             for chunk in order.chunk(c.minibatches):
-                idx = chunk.to(seq.device)
-                logp, entropy = token_logprobs(
-                    self.policy,
-                    seq[idx],
-                    attn[idx],
-                    P,
-                    with_entropy=True,
-                    allowed_token_ids=restrict,
-                )
-                values = self.critic(seq[idx], attn[idx], P) if self.critic is not None else None
-                if fused:
-                    old_logp = logp.detach()
-                    old_values = values.detach() if values is not None else None
-                    penalty, advantages, returns = self._shape(
-                        old_logp, ref_logp, mask, reward, old_values
-                    )
-                assert old_logp is not None and advantages is not None and entropy is not None
-                m = mask[idx]
+                idx = chunk.to(experience.sequences.device)
+                forward = self._minibatch_forward(experience, idx)
+                m = experience.mask[idx]
                 policy_loss, clip_fraction = clipped_policy_loss(
-                    logp, old_logp[idx], advantages[idx], m, c.clip, c.loss_aggregation
+                    forward.logp,
+                    experience.old_logp[idx],
+                    experience.advantages[idx],
+                    m,
+                    c.clip,
+                    c.loss_aggregation,
                 )
                 loss = policy_loss
-                if values is not None:
-                    assert returns is not None and old_values is not None
-                    value_loss = clipped_value_loss(
-                        values, old_values[idx], returns[idx], m, c.value_clip
-                    )
+                if forward.values is not None:
+                    value_loss = self._value_loss(forward.values, experience, idx)
                     loss = loss + c.value_coef * value_loss
                     stats["value_loss"].append(float(value_loss.detach()))
-                self.accelerator.backward(loss)
-                if c.max_grad_norm > 0:
-                    self.accelerator.clip_grad_norm_(self._trainable_parameters(), c.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                with self.timer.phase("backward"):
+                    self.accelerator.backward(loss)
+                with self.timer.phase("optimizer"):
+                    if c.max_grad_norm > 0:
+                        self.accelerator.clip_grad_norm_(
+                            self._trainable_parameters(), c.max_grad_norm
+                        )
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
                 stats["policy_loss"].append(float(policy_loss.detach()))
                 stats["clip_fraction"].append(float(clip_fraction))
-                stats["entropy"].append(float(aggregate(entropy, m, "token-mean")))
-        self.scheduler.step()
-        self.step += 1
+                stats["entropy"].append(float(aggregate(forward.entropy, m, "token-mean")))
+        with self.timer.phase("optimizer"):
+            self.scheduler.step()
+        return {key: _mean(values) for key, values in stats.items() if values}
 
-        assert old_logp is not None and penalty is not None
+    def _value_loss(self, values: Tensor, experience: Experience, idx: Tensor) -> Tensor:
+        if experience.old_values is None or experience.returns is None:
+            raise ValueError(f"the {self.config.algo!r} estimator gave no value targets")
+        return clipped_value_loss(
+            values,
+            experience.old_values[idx],
+            experience.returns[idx],
+            experience.mask[idx],
+            self.config.value_clip,
+        )
+
+    def train_step(self) -> dict[str, float]:
+        """One RL step: this step's prompts ─> :meth:`make_experience` ─> :meth:`update`."""
+        watch = Stopwatch()
+        self.timer.reset()
+        experience = self.make_experience(self._step_prompts())
+        stats = self.update(experience)
+        self.step += 1
         seconds = watch.seconds()
+        mask, old_logp = experience.mask, experience.old_logp
         metrics: dict[str, float] = {
             "step": self.step,
-            "reward_mean": float(raw_reward.mean()),
-            "penalty_mean": float(penalty.sum(-1).mean()),
+            "reward_mean": float(experience.raw_reward.mean()),
+            "penalty_mean": float(experience.penalty.sum(-1).mean()),
             "logp_mean": float((old_logp * mask).sum(-1).mean()),
-            "entropy": _mean(stats["entropy"]),
+            "entropy": stats["entropy"],
             "response_length": float(mask.sum(-1).mean()),
-            "clip_fraction": _mean(stats["clip_fraction"]),
-            "policy_loss": _mean(stats["policy_loss"]),
+            "clip_fraction": stats["clip_fraction"],
+            "policy_loss": stats["policy_loss"],
             "lr": float(self.scheduler.get_last_lr()[0]),
             "step_seconds": seconds,
-            "samples_per_second": n / seconds,
+            "samples_per_second": experience.sequences.shape[0] / seconds,
         }
-        if ref_logp is not None:
-            metrics["kl_to_ref"] = float(((old_logp - ref_logp) * mask).sum(-1).mean())
-        if stats["value_loss"]:
-            metrics["value_loss"] = _mean(stats["value_loss"])
+        if experience.ref_logp is not None:
+            kl = ((old_logp - experience.ref_logp) * mask).sum(-1).mean()
+            metrics["kl_to_ref"] = float(kl)
+        if "value_loss" in stats:
+            metrics["value_loss"] = stats["value_loss"]
+        for phase in PHASES:
+            if phase in self.timer.seconds:
+                metrics[f"time_{phase}"] = self.timer.seconds[phase]
         return self._gather(metrics)
 
     def _trainable_parameters(self) -> list[Tensor]:
-        return [p for group in self.optimizer.param_groups for p in group["params"]]
+        models = [self.policy] if self.critic is None else [self.policy, self.critic]
+        return [p for model in models for p in model.parameters() if p.requires_grad]
 
     def _gather(self, metrics: dict[str, float]) -> dict[str, float]:
         if self.accelerator.num_processes == 1:
@@ -436,14 +536,14 @@ class RLTrainer:
         logger = JsonlLogger(out / "metrics.jsonl" if main else None, append=resume is not None)
         board = _tensorboard(out) if (c.tensorboard and main) else None
         bar = tqdm(
-            total=c.steps,
+            total=c.max_steps,
             initial=self.step,
             desc=f"rl {c.algo}/{c.regularizer}",
             disable=c.quiet or not main,
         )
         history: list[dict[str, float]] = []
         watch = Stopwatch()
-        while self.step < c.steps:
+        while self.step < c.max_steps:
             metrics = self.train_step()
             history.append(metrics)
             logger.log(metrics)
@@ -451,10 +551,8 @@ class RLTrainer:
                 for key, value in metrics.items():
                     board.add_scalar(f"rl/{key}", value, self.step)
             bar.update(1)
-            bar.set_postfix(
-                reward=f"{metrics['reward_mean']:.3f}", pen=f"{metrics['penalty_mean']:.3f}"
-            )
-            if c.save_every and self.step % c.save_every == 0 and self.step < c.steps:
+            bar.set_postfix(phase_postfix(metrics))
+            if c.save_every and self.step % c.save_every == 0 and self.step < c.max_steps:
                 self.save_checkpoint()
         bar.close()
         logger.close()
