@@ -23,9 +23,9 @@
 # git-ignored, so a copy of the working tree must carry benchmarks/wheels explicitly.
 #
 # Environment: PYTHON (python3), OUT, GPU_CHECK_WORK, WHEELS_DIR (benchmarks/wheels),
-# BENCH_ARGS ("--steps 5"), DEMO_ARGS ("--rl-steps 100 --eval-samples 300"), and the per-stage
-# budgets in seconds BUDGET_ENV (20), BUDGET_WHEELS (40), BUDGET_TESTS (120), BUDGET_BENCH (190),
-# BUDGET_DEMO (100): 470 s in all.
+# BENCH_ARGS ("--warmup 2 --steps 4"), DEMO_ARGS ("--rl-steps 100 --eval-samples 200": a shortened
+# demo; DEMO_ARGS="" runs the full one), and the per-stage budgets in seconds BUDGET_ENV (15),
+# BUDGET_WHEELS (35), BUDGET_TESTS (150), BUDGET_BENCH (190), BUDGET_DEMO (80): 470 s in all.
 set -u
 set -o pipefail
 
@@ -51,13 +51,13 @@ done
 PYTHON=${PYTHON:-python3}
 OUT=${OUT:-runs/gpu_check}
 WHEELS_DIR=${WHEELS_DIR:-benchmarks/wheels}
-BENCH_ARGS=${BENCH_ARGS:---steps 5}
-DEMO_ARGS=${DEMO_ARGS:---rl-steps 100 --eval-samples 300}
-BUDGET_ENV=${BUDGET_ENV:-20}
-BUDGET_WHEELS=${BUDGET_WHEELS:-40}
-BUDGET_TESTS=${BUDGET_TESTS:-120}
+BENCH_ARGS=${BENCH_ARGS:---warmup 2 --steps 4}
+DEMO_ARGS=${DEMO_ARGS:---rl-steps 100 --eval-samples 200}
+BUDGET_ENV=${BUDGET_ENV:-15}
+BUDGET_WHEELS=${BUDGET_WHEELS:-35}
+BUDGET_TESTS=${BUDGET_TESTS:-150}
 BUDGET_BENCH=${BUDGET_BENCH:-190}
-BUDGET_DEMO=${BUDGET_DEMO:-100}
+BUDGET_DEMO=${BUDGET_DEMO:-80}
 # trl and datasets for the benchmark's TRL side; the rest are pmrlhf's and the tests' needs
 REQUIREMENTS=(trl==1.16.0 datasets pytest hypothesis peft safetensors matplotlib tqdm pyyaml)
 IMPORTS="trl datasets pytest hypothesis peft safetensors matplotlib tqdm yaml"
@@ -172,14 +172,18 @@ stage_env_dry() {
 }
 
 # ------------------------------------------------------------------------------ b: wheels
-missing_imports() {  # prints the modules of $IMPORTS that do not import
+missing_imports() {  # prints the modules of $IMPORTS that do not import; versions go to stderr
     "$PYTHON" - $IMPORTS <<'EOF'
 import importlib, sys
+found = []
 for name in sys.argv[1:]:
     try:
-        importlib.import_module(name)
-    except Exception:
+        module = importlib.import_module(name)
+        found.append(f"{name} {getattr(module, '__version__', '?')}")
+    except Exception as error:
         print(name)
+        found.append(f"{name} MISSING ({type(error).__name__}: {error})")
+print("  imports: " + ", ".join(found), file=sys.stderr)
 EOF
 }
 
@@ -194,8 +198,10 @@ for wheel in sorted(pathlib.Path(sys.argv[1]).glob("*.whl")):
 EOF
 }
 
+pip_offline() { bounded "$PYTHON" -m pip install --no-index --no-cache-dir --no-compile --progress-bar off "$@"; }
+
 stage_wheels() {
-    local log=$OUT/b_wheels.log rc=0 missing
+    local log=$OUT/b_wheels.log rc=0 missing todo=()
     {
         missing=$(missing_imports | tr '\n' ' ')
         echo "missing before: ${missing:-nothing}"
@@ -203,24 +209,32 @@ stage_wheels() {
             echo "everything imports; nothing to install"
         elif ! ls "$WHEELS_DIR"/*.whl >/dev/null 2>&1; then
             echo "no wheels in $WHEELS_DIR: run benchmarks/gpu_wheels.sh where PyPI is reachable and carry the folder"
-            rc=1
         else
-            echo "--- pip install --no-index --find-links $WHEELS_DIR (resolving against what is installed)"
-            bounded "$PYTHON" -m pip install --no-index --find-links "$WHEELS_DIR" --no-cache-dir \
-                --no-compile --progress-bar off "${REQUIREMENTS[@]}" || {
-                echo "--- resolving install failed; installing the carried wheels that are not installed, without dependencies"
+            # 1. the carried distributions this machine lacks, as they are (no resolver: fast, and
+            #    nothing already installed is touched)
+            mapfile -t todo < <(uninstalled_wheels)
+            echo "--- installing the ${#todo[@]} carried wheels whose distributions are not installed, without dependencies"
+            [[ ${#todo[@]} == 0 ]] || pip_offline --no-deps "${todo[@]}" || echo "--- that install failed"
+            missing=$(missing_imports | tr '\n' ' ')
+            # 2. an installed version may be too old for what needs it: resolve against the wheels
+            if [[ -n $missing ]]; then
+                echo "--- still missing: $missing; resolving ${REQUIREMENTS[*]} against the wheels"
+                pip_offline --find-links "$WHEELS_DIR" "${REQUIREMENTS[@]}" || echo "--- that install failed"
+                missing=$(missing_imports | tr '\n' ' ')
+            fi
+            # 3. site-packages not writable: unpack into a folder of our own
+            if [[ -n $missing ]]; then
+                echo "--- still missing: $missing; unpacking the uninstalled wheels into $GPU_CHECK_WORK/site"
                 mapfile -t todo < <(uninstalled_wheels)
-                [[ ${#todo[@]} == 0 ]] ||
-                    bounded "$PYTHON" -m pip install --no-index --no-deps --no-cache-dir --no-compile \
-                        --progress-bar off "${todo[@]}"
-            }
+                [[ ${#todo[@]} == 0 ]] || pip_offline --no-deps --target "$GPU_CHECK_WORK/site" "${todo[@]}"
+                export PYTHONPATH="$PYTHONPATH:$GPU_CHECK_WORK/site"
+                missing=$(missing_imports | tr '\n' ' ')
+            fi
         fi
-        missing=$(missing_imports | tr '\n' ' ')
         echo "missing after: ${missing:-nothing}"
-        [[ -z $missing ]] || rc=1
-        "$PYTHON" -c "import trl, datasets; print('trl', trl.__version__, '| datasets', datasets.__version__)" || true
     } >"$log" 2>&1
     cat "$log"
+    [[ -z $missing ]] || rc=1
     note b "$(grep -m1 '^missing before' "$log")"
     note b "$(grep -m1 '^missing after' "$log")"
     return $rc

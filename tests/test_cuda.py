@@ -74,7 +74,7 @@ def test_sampled_and_scored_logprobs_agree_under_the_bf16_rollout_copy(
     encoded = tokenizer(PROMPTS * 4, return_tensors="pt", padding=True).to(trainer.device)
     eos = tokenizer.eos_token_id
     config = GenerationConfig(
-        do_sample=True, max_new_tokens=12, temperature=1.0, top_p=1.0, top_k=0,
+        do_sample=True, max_new_tokens=8, temperature=1.0, top_p=1.0, top_k=0,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
         cache_implementation="static" if device == "cuda" else None,
         return_dict_in_generate=True, output_logits=True,
