@@ -257,7 +257,7 @@ stage_wheels_dry() {
 }
 
 # ------------------------------------------------------------------------------ c: CUDA tests
-TEST_CMD=(-m pytest -m cuda tests/test_cuda.py -q -rs -p no:cacheprovider)
+TEST_CMD=(-m pytest -m cuda tests/test_cuda.py -q -rs -p no:cacheprovider --durations=8)
 
 stage_tests() {
     local log=$OUT/c_tests.log rc=0
@@ -266,6 +266,9 @@ stage_tests() {
     local last
     last=$(grep -E '(passed|failed|error|skipped|no tests ran)' "$log" | tail -n 1 | sed 's/=//g; s/^ *//; s/ *$//')
     note c "${last:-no pytest summary line}"
+    local failed
+    failed=$(grep -E '^(FAILED|ERROR) ' "$log" | sed 's/ - .*//; s/^\(FAILED\|ERROR\) tests\/test_cuda.py:://' | tr '\n' ' ')
+    [[ -z $failed ]] || note c "failed: $failed"
     if [[ $rc == 0 ]] && grep -q 'skipped' <<<"$last"; then
         note c "some CUDA tests were skipped"
         return 3
@@ -298,7 +301,7 @@ stage_bench() {
         $BENCH_ARGS --json "$json" >"$log" 2>&1 || rc=$?
     tail -n 30 "$log"
     if [[ -f $json ]]; then
-        note d "$(py_json "$json" '"pmrlhf kl %s s/step, pm %s s/step, TRL %s s/step; TRL/pmrlhf %s; pm/kl %s; goal<=1.0s met: %s; gpu %s" % (d.get("pmrlhf_kl", {}).get("seconds_per_step"), d.get("pmrlhf_pm", {}).get("seconds_per_step"), d.get("trl", {}).get("seconds_per_step"), d.get("ratio_pmrlhf_over_trl"), d.get("ratio_pm_over_kl_step_time"), d.get("goal", {}).get("met"), d.get("machine", {}).get("gpu"))')"
+        note d "$(py_json "$json" '"pmrlhf kl %s s/step, pm %s s/step, TRL %s s/step; TRL/pmrlhf %s; pm/kl %s; goal %s; %s, %s" % (d.get("pmrlhf_kl", {}).get("seconds_per_step"), d.get("pmrlhf_pm", {}).get("seconds_per_step"), d.get("trl", {}).get("seconds_per_step"), d.get("ratio_pmrlhf_over_trl"), d.get("ratio_pm_over_kl_step_time"), d.get("goal"), d.get("preset"), d.get("machine", {}).get("gpu", d.get("machine", {}).get("device")))')"
     else
         note d "no JSON written"
     fi
@@ -351,7 +354,7 @@ stage_demo() {
     tail -n 20 "$log"
     if [[ -f $DEMO_OUT/metrics.json ]]; then
         cp "$DEMO_OUT/report.md" "$OUT/e_demo_report.md" 2>/dev/null
-        note e "$(py_json "$DEMO_OUT/metrics.json" '"%.0f s; " % d["seconds"] + "; ".join("%s: TV->target %.3f, minority %.3f, invalid %.3f, PMD %.3f" % (m, r["tv_to_target"], r["minority_mass"], r["invalid_rate"], r["pmd"]) for m, r in d["methods"].items())')"
+        note e "$(py_json "$DEMO_OUT/metrics.json" '"%.0f s; " % d["seconds"] + "; ".join("%s: TV->target %.3f, minority %.3f, invalid %.3f, PMD %.3f" % (m, r["tv_to_target"], r["minority_mass"], r["invalid_rate"], r["pmd"]) for m, r in d["methods"].items()) + "; PMD improvement over kl: %s" % {m: round(v, 3) for m, v in d.get("pmd_improvement", {}).items()}')"
     else
         note e "no metrics.json"
     fi
