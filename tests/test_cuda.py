@@ -100,8 +100,14 @@ def test_sampled_and_scored_logprobs_agree_under_the_bf16_rollout_copy(
     # (measured on a CPU: max 0.006, mean 0.0012 nats over 82 tokens)
     assert float(diff.max()) <= 0.06, diff
     assert float(diff.mean()) <= 0.015, diff
-    # and the two are not trivially equal: scoring really ran in another precision
     assert scored.dtype == torch.float32
+    # the tolerance is tight enough to catch a copy that missed the step: the weights before it
+    # (measured on a CPU: mean 0.25 nats away) are far outside it
+    with torch.no_grad():
+        stale, _ = token_logprobs(
+            load_causal_lm(str(tiny_model_dir), device=device), sequences, attention, P
+        )
+    assert float((stale - sampled)[real].abs().mean()) > 0.05
 
 
 # ------------------------------------------------------------------ (ii) RL steps per algorithm

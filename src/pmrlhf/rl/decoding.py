@@ -4,9 +4,11 @@ With ``cache_implementation="static"``, Hugging Face ``generate`` allocates a ke
 ``prompt_length + max_new_tokens`` positions and runs every decoding step through one
 ``torch.compile``'d forward whose shapes include that cache length. Each new padded prompt length
 is therefore a new shape for the compiled decoder: a full recompile under static-shape
-compilation (and, past dynamo's recompile limit, a silent fall-back to eager decoding), or a new
-CUDA-graph recording and a fresh cache allocation under HF's default ``reduce-overhead`` mode.
-A real dataset has many prompt lengths, so an RL run would pay that on most steps.
+compilation (``dynamic=False``; past dynamo's recompile limit, a silent fall-back to eager
+decoding). HF's default settings let dynamo switch to one shape-generic graph after the second
+length, but under their ``reduce-overhead`` mode each new length is still a new CUDA-graph
+recording, and every call with a new length allocates a new cache. A real dataset has many
+prompt lengths, so an RL run would pay that on most steps.
 
 :func:`pad_to_bucket` left-pads a batch to a bucketed length so that the number of distinct
 shapes is bounded by the number of buckets, whatever the prompts. The extra columns are padding
