@@ -257,7 +257,7 @@ stage_wheels_dry() {
 }
 
 # ------------------------------------------------------------------------------ c: CUDA tests
-TEST_CMD=(-m pytest -m cuda tests/test_cuda.py -q -rs -p no:cacheprovider --durations=8)
+TEST_CMD=(-m pytest -m cuda tests/test_cuda.py -v -rs -p no:cacheprovider --durations=8)
 
 stage_tests() {
     local log=$OUT/c_tests.log rc=0

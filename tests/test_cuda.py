@@ -40,7 +40,9 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def make_trainer(policy: Path, out: Path, device: str, **overrides) -> RLTrainer:
+def make_trainer(
+    policy: Path, out: Path, device: str, prompts: list[str] = PROMPTS, **overrides
+) -> RLTrainer:
     from accelerate import Accelerator
 
     values = dict(
@@ -50,7 +52,7 @@ def make_trainer(policy: Path, out: Path, device: str, **overrides) -> RLTrainer
     )  # fmt: skip
     values.update(overrides)
     accelerator = Accelerator(cpu=device == "cpu", mixed_precision="bf16")
-    return RLTrainer(RLConfig(**values), prompts=PROMPTS, accelerator=accelerator)
+    return RLTrainer(RLConfig(**values), prompts=prompts, accelerator=accelerator)
 
 
 # ------------------------------------------------------------------ (i) sampling vs scoring
@@ -110,28 +112,6 @@ def test_sampled_and_scored_logprobs_agree_under_the_bf16_rollout_copy(
     assert float((stale - sampled)[real].abs().mean()) > 0.05
 
 
-# ------------------------------------------------------------------ (ii) RL steps per algorithm
-@pytest.mark.parametrize("regularizer", ["kl", "cpm"])
-@pytest.mark.parametrize("algo", ["ppo", "rloo", "grpo", "reinforce_pp"])
-@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow), CUDA])
-def test_rl_steps_on_device(tiny_model_dir, tmp_path, device, algo, regularizer):
-    trainer = make_trainer(tiny_model_dir, tmp_path, device, algo=algo, regularizer=regularizer)
-    assert trainer.device.type == device
-    before = torch.cat([p.detach().flatten().float().cpu() for p in trainer.policy.parameters()])
-    trainer.train()
-    after = torch.cat([p.detach().flatten().float().cpu() for p in trainer.policy.parameters()])
-    assert not torch.equal(before, after)
-    rows = read_jsonl(tmp_path / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2]
-    for row in rows:
-        for key in ("policy_loss", "reward_mean", "penalty_mean", "kl_to_ref", "entropy"):
-            assert math.isfinite(row[key]), (key, row)
-        assert row["response_length"] >= 1
-        assert ("value_loss" in row) == (algo == "ppo")
-        if algo == "ppo":
-            assert math.isfinite(row["value_loss"])
-
-
 # ------------------------------------------------------------------ (iii) the bandit
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
@@ -156,6 +136,8 @@ def count_decode_compiles(model, tokenizer, lengths: list[int], bucket: bool) ->
     """Graphs compiled so far for static-cache decoding, after each batch; the batches' longest
     prompts have ``lengths`` words. Static-shape compilation (``dynamic=False``) compiles once per
     distinct shape, so this also counts the CUDA graphs that ``reduce-overhead`` would record."""
+    # transformers keeps the longest static cache seen on the model; start from none
+    model.__dict__.pop("_previous_max_cache_length", None)
     from transformers import CompileConfig, GenerationConfig
 
     graphs: list[int] = []
@@ -188,7 +170,9 @@ def count_decode_compiles(model, tokenizer, lengths: list[int], bucket: bool) ->
     return counts
 
 
-LENGTHS = list(range(3, 31, 3))  # 10 prompt lengths, in two buckets (16 and 32 tokens)
+# 10 prompt lengths in two buckets (16 and 32 tokens), increasing: every one is longer than all
+# before it, so transformers' reuse of the longest cache seen does not hide a single new shape
+LENGTHS = list(range(3, 31, 3))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -216,3 +200,32 @@ def test_unbucketed_static_cache_decoding_compiles_for_every_prompt_length(tiny_
     tokenizer = load_tokenizer(str(tiny_model_dir), padding_side="left")
     counts = count_decode_compiles(model, tokenizer, LENGTHS[:6], bucket=False)
     assert counts == [counts[0] * (i + 1) for i in range(6)], counts
+
+
+# ------------------------------------------------------------------ (ii) RL steps per algorithm
+# Last in the file: on CUDA each trainer decodes through the compiled static cache. Prompts of
+# one length keep that to one shape.
+RL_PROMPTS = ["Which drink do you prefer ?", "Which season do you like ?"]
+
+
+@pytest.mark.parametrize("regularizer", ["kl", "cpm"])
+@pytest.mark.parametrize("algo", ["ppo", "rloo", "grpo", "reinforce_pp"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_rl_steps_on_device(tiny_model_dir, tmp_path, device, algo, regularizer):
+    trainer = make_trainer(
+        tiny_model_dir, tmp_path, device, RL_PROMPTS, algo=algo, regularizer=regularizer
+    )
+    assert trainer.device.type == device
+    before = torch.cat([p.detach().flatten().float().cpu() for p in trainer.policy.parameters()])
+    trainer.train()
+    after = torch.cat([p.detach().flatten().float().cpu() for p in trainer.policy.parameters()])
+    assert not torch.equal(before, after)
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        for key in ("policy_loss", "reward_mean", "penalty_mean", "kl_to_ref", "entropy"):
+            assert math.isfinite(row[key]), (key, row)
+        assert row["response_length"] >= 1
+        assert ("value_loss" in row) == (algo == "ppo")
+        if algo == "ppo":
+            assert math.isfinite(row["value_loss"])

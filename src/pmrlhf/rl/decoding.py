@@ -1,17 +1,18 @@
 """Prompt-length buckets for compiled static-cache decoding.
 
 With ``cache_implementation="static"``, Hugging Face ``generate`` allocates a key/value cache of
-``prompt_length + max_new_tokens`` positions and runs every decoding step through one
-``torch.compile``'d forward whose shapes include that cache length. Each new padded prompt length
-is therefore a new shape for the compiled decoder: a full recompile under static-shape
-compilation (``dynamic=False``; past dynamo's recompile limit, a silent fall-back to eager
-decoding). HF's default settings let dynamo switch to one shape-generic graph after the second
-length, but under their ``reduce-overhead`` mode each new length is still a new CUDA-graph
-recording, and every call with a new length allocates a new cache. A real dataset has many
-prompt lengths, so an RL run would pay that on most steps.
+``prompt_length + max_new_tokens`` positions (transformers 5.23 keeps the longest length seen so
+far on the model) and runs every decoding step through one ``torch.compile``'d forward whose
+shapes include that cache length. A batch whose padded prompts are longer than any before is
+therefore a new shape for the compiled decoder: a full recompile under static-shape compilation
+(``dynamic=False``; past dynamo's recompile limit, a silent fall-back to eager decoding), and a
+new CUDA-graph recording under HF's default ``reduce-overhead`` mode (whose automatic dynamic
+shapes bound the recompiles themselves to about two). In random order that happens about
+ln(steps) times; in length-sorted or length-grouped batches, or with a transformers version that
+sizes the cache per call, on every new length.
 
 :func:`pad_to_bucket` left-pads a batch to a bucketed length so that the number of distinct
-shapes is bounded by the number of buckets, whatever the prompts. The extra columns are padding
+shapes is bounded by the number of buckets, whatever the prompts and their order. The extra columns are padding
 with attention mask 0. Position ids are derived from the attention mask (by ``generate`` and by
 :func:`pmrlhf.rl.rollout.token_logprobs` alike), so every real token keeps its position and
 attends to the same keys: the next-token distributions, hence the sampled distribution, are
