@@ -11,7 +11,8 @@ import torch
 from conftest import TINY_TEXTS
 
 from pmrlhf.models import build_tiny_model, load_causal_lm, load_tokenizer
-from pmrlhf.rl.rollout import generate
+from pmrlhf.rl.losses import clipped_policy_loss
+from pmrlhf.rl.rollout import generate, token_logprobs
 
 PROMPT = "Which drink do you prefer ?"
 EOS = 2
@@ -181,9 +182,121 @@ def test_rollouts_ignore_all_checkpoint_settings_at_once_over_two_tokens(
 
 
 def test_evaluation_samples_through_the_same_rollout_function():
-    """PMD and the demo sample with :func:`pmrlhf.rl.rollout.generate`, not a copy of it."""
-    from pmrlhf import demo, evaluate
+    """PMD, the demo and the trainer sample only through :func:`pmrlhf.rl.rollout.generate`."""
+    import pmrlhf
+    from pmrlhf import evaluate
     from pmrlhf.rl import rollout
 
     assert evaluate.generate is rollout.generate
-    assert "from pmrlhf.rl.rollout import generate" in Path(demo.__file__).read_text()
+    package = Path(pmrlhf.__file__).parent
+    callers = [
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if ".generate(" in path.read_text() and path != Path(rollout.__file__)
+    ]
+    assert callers == [], f"these modules call HF generate directly: {callers}"
+
+
+# ----------------------------------------------------------------------------- masked positions
+
+
+def padded_batch(tokenizer, responses: list[list[int]]):
+    """``[prompt | response + pads]`` rows laid out exactly as a rollout lays them out."""
+    prompt = tokenizer([PROMPT], return_tensors="pt").input_ids[0].tolist()
+    width = max(len(r) for r in responses)
+    rows, masks = [], []
+    for response in responses:
+        pads = width - len(response)
+        rows.append(prompt + response + [tokenizer.pad_token_id] * pads)
+        masks.append([1] * (len(prompt) + len(response)) + [0] * pads)
+    return torch.tensor(rows), torch.tensor(masks), len(prompt)
+
+
+def test_padding_positions_score_zero_and_every_loss_stays_finite(tiny_model_dir):
+    """Allowed tokens exclude the pad token; responses of different lengths are padded."""
+    model = load_causal_lm(str(tiny_model_dir))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    tea, coffee, water = tokenizer.convert_tokens_to_ids(["tea", "coffee", "water"])
+    allowed = [tea, coffee, water, EOS]
+    assert tokenizer.pad_token_id not in allowed
+    seq, attn, p_len = padded_batch(tokenizer, [[tea, EOS], [coffee, water, tea, EOS]])
+    mask = attn[:, p_len:].float()
+
+    logp, entropy = token_logprobs(model, seq, attn, p_len, True, allowed)
+    assert entropy is not None
+    assert torch.isfinite(logp).all() and torch.isfinite(entropy).all()
+    assert torch.equal(logp[0, 2:], torch.zeros(2)) and torch.equal(entropy[0, 2:], torch.zeros(2))
+    # the short row's real tokens score as they do without any padding
+    alone, _ = token_logprobs(
+        model, seq[:1, : p_len + 2], attn[:1, : p_len + 2], p_len, False, allowed
+    )
+    torch.testing.assert_close(logp[0, :2], alone[0], rtol=0, atol=1e-5)
+
+    with torch.no_grad():
+        ref_logp, _ = token_logprobs(model, seq, attn, p_len, False, allowed)
+    advantages = torch.tensor([[1.0, 1.0, 0.0, 0.0], [-1.0, -1.0, -1.0, -1.0]])
+    for aggregation in ("seq-mean-token-sum", "token-mean"):
+        loss, clip_fraction = clipped_policy_loss(
+            logp, ref_logp - 0.1, advantages, mask, 0.2, aggregation
+        )
+        assert torch.isfinite(loss) and torch.isfinite(clip_fraction)
+    kl_to_ref = ((logp - ref_logp) * mask).sum(-1).mean()
+    assert torch.isfinite(kl_to_ref)
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is None or torch.isfinite(param.grad).all(), name
+
+
+@pytest.mark.parametrize("restricted", [False, True])
+def test_entropy_equals_the_categorical_entropy(tiny_model_dir, restricted):
+    model = load_causal_lm(str(tiny_model_dir))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    tea, coffee, water = tokenizer.convert_tokens_to_ids(["tea", "coffee", "water"])
+    allowed = [tea, coffee, water, EOS] if restricted else None
+    seq, attn, p_len = padded_batch(tokenizer, [[tea, EOS], [coffee, water, tea, EOS]])
+    _, entropy = token_logprobs(model, seq, attn, p_len, True, allowed)
+    assert entropy is not None
+    with torch.no_grad():
+        logits = model(input_ids=seq, attention_mask=attn).logits[:, p_len - 1 : -1].double()
+    if allowed is not None:
+        keep = torch.full((logits.shape[-1],), float("-inf"), dtype=logits.dtype)
+        keep[allowed] = 0.0
+        logits = logits + keep
+    expected = torch.distributions.Categorical(logits=logits).entropy().float()
+    valid = attn[:, p_len:].bool()
+    torch.testing.assert_close(entropy[valid], expected[valid], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "rloo"])
+def test_rl_with_allowed_tokens_and_responses_of_different_lengths_stays_finite(
+    tiny_model_dir, tmp_path, algo
+):
+    from pmrlhf.rl.config import RLConfig
+    from pmrlhf.rl.trainer import RLTrainer
+    from pmrlhf.runtime import read_jsonl
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    allowed = [*tokenizer.convert_tokens_to_ids(["tea", "coffee", "water"]), EOS]
+    config = RLConfig(
+        policy=str(tiny_model_dir), reward=f"{Path(__file__).parent / 'scripts' / 'reward_fns.py'}:likes_tea",
+        algo=algo, regularizer="kl", steps=2, prompts_per_step=2, samples_per_prompt=4,
+        max_new_tokens=6, lr=1e-2, beta=0.1, output_dir=str(tmp_path), quiet=True,
+    )  # fmt: skip
+
+    lengths: list[set[int]] = []
+
+    class Recording(RLTrainer):
+        def _rollout(self, prompts):
+            rollout = super()._rollout(prompts)
+            lengths.append(set(rollout.response_mask.sum(-1).tolist()))
+            return rollout
+
+    torch.manual_seed(0)
+    trainer = Recording(config, prompts=[PROMPT], allowed_token_ids=allowed)
+    trainer.train()
+    assert all(len(step) > 1 for step in lengths), f"responses all had one length: {lengths}"
+    for row in read_jsonl(tmp_path / "metrics.jsonl"):
+        for key in ("policy_loss", "kl_to_ref", "penalty_mean", "entropy", "logp_mean"):
+            assert math.isfinite(row[key]), (key, row)
+    for param in trainer.policy.parameters():
+        assert torch.isfinite(param).all()

@@ -214,6 +214,10 @@ def token_logprobs(
 
     Only the logits that predict response tokens are materialised in fp32, which keeps memory at
     ``B × T × V`` rather than ``B × (P+T) × V``. Returns ``(logp, entropy or None)``.
+
+    Padding positions (attention mask 0 after a response's EOS) hold log-prob 0 and entropy 0,
+    never ``-inf``: with ``allowed_token_ids`` the pad token is outside the allowed set, and an
+    infinite value there would turn into NaN in any later ``exp(a - b) * mask``.
     """
     outputs = model(
         input_ids=sequences,
@@ -226,14 +230,28 @@ def token_logprobs(
     if allowed_token_ids is not None:
         logits = restrict_logits(logits, torch.tensor(allowed_token_ids, device=logits.device))
     targets = sequences[:, prompt_length:]
+    valid = attention_mask[:, prompt_length:].bool()
     log_norm = torch.logsumexp(logits, dim=-1)
-    logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(valid, picked - log_norm, 0.0)
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            probs = torch.softmax(logits, dim=-1)
-            entropy = log_norm - (probs * logits.masked_fill(probs == 0, 0.0)).sum(-1)
+            restricted = allowed_token_ids is not None
+            entropy = torch.where(valid, _entropy(logits, log_norm, restricted), 0.0)
     return logp, entropy
+
+
+def _entropy(logits: Tensor, log_norm: Tensor, restricted: bool) -> Tensor:
+    """``H = log Z − Σ p·logit`` with ``p = exp(logit − log Z)``, reusing the normaliser.
+
+    With ``restricted``, logits at ``-inf`` (tokens outside the allowed set) have ``p = 0`` and
+    are made finite first so that they contribute ``0`` rather than ``0·(−inf) = NaN``.
+    """
+    probs = (logits - log_norm.unsqueeze(-1)).exp_()
+    if restricted:
+        logits = logits.clamp_min(torch.finfo(logits.dtype).min)
+    return log_norm - torch.linalg.vecdot(probs, logits)
 
 
 class ValueModel(torch.nn.Module):
