@@ -181,6 +181,22 @@ def test_rollouts_ignore_all_checkpoint_settings_at_once_over_two_tokens(
     assert_same_distribution(counts.flatten(), joint.flatten())
 
 
+def test_a_lora_wrapped_policy_ignores_its_base_checkpoint_settings(peaked_model_dir, tmp_path):
+    from pmrlhf.lora import apply_lora
+
+    settings = {"repetition_penalty": 3.0, "no_repeat_ngram_size": 1, "min_p": 0.3}
+    model_dir = with_generation_config(peaked_model_dir, tmp_path, settings)
+    model = apply_lora(load_causal_lm(str(model_dir)), "causal_lm", r=4).eval()
+    tokenizer = load_tokenizer(str(model_dir))
+    probs = next_token_probs(model, tokenizer, [])
+    torch.manual_seed(0)
+    rollout = generate(model, tokenizer, [PROMPT] * 4000, max_new_tokens=1)
+    assert_same_distribution(
+        torch.bincount(rollout.response_ids[:, 0], minlength=probs.numel()), probs
+    )
+    assert model.get_base_model().generation_config.repetition_penalty == 3.0  # restored after
+
+
 def test_evaluation_samples_through_the_same_rollout_function():
     """PMD, the demo and the trainer sample only through :func:`pmrlhf.rl.rollout.generate`."""
     import pmrlhf

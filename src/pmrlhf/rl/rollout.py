@@ -260,21 +260,46 @@ class ValueModel(torch.nn.Module):
     Wrapping the reward-model architecture lets the critic start from the reward model (as in
     the paper) and save back as one. The value at response position t is read from the hidden
     state that sees ``s_t = (x, y_<t)``, the position just before token ``y_t``.
+
+    The critic is trained, so its weights are made trainable here however the model was
+    loaded: a full model entirely; a LoRA (peft) model its adapter and the scalar head, with
+    the base weights left frozen. The backbone is reached through a peft wrapper, whose own
+    forward returns classification outputs without hidden states.
     """
 
     def __init__(self, model):
         super().__init__()
         self.model = model
         self.head = _value_head(model)
+        _make_critic_trainable(model, self.head)
 
     def forward(self, sequences: Tensor, attention_mask: Tensor, prompt_length: int) -> Tensor:
-        hidden = self.model.base_model(
+        hidden = _backbone(self.model)(
             input_ids=sequences,
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
         ).last_hidden_state
         return self.head(hidden[:, prompt_length - 1 : -1]).squeeze(-1).float()
+
+
+def _backbone(model) -> torch.nn.Module:
+    """The transformer body (``LlamaModel`` …) of a plain or peft-wrapped classification model."""
+    from pmrlhf.lora import unwrap_peft
+
+    return unwrap_peft(model).base_model
+
+
+def _make_critic_trainable(model, head: torch.nn.Module) -> None:
+    from pmrlhf.lora import is_peft_model
+
+    if is_peft_model(model):
+        model.set_requires_grad(model.active_adapters, requires_grad=True)
+        if not hasattr(head, "modules_to_save"):
+            # a head peft does not manage (a causal-LM adapter on a fresh classification head)
+            head.requires_grad_(True)
+    else:
+        model.requires_grad_(True)
 
 
 def _value_head(model):
