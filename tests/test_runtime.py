@@ -21,6 +21,7 @@ from pmrlhf.runtime import (
     claim_output_dir,
     commit_directory,
     fresh_temp_directory,
+    has_complete_copy,
     read_jsonl,
     recover_directory,
 )
@@ -93,8 +94,10 @@ def test_a_crash_at_any_step_of_a_commit_is_recovered(tmp_path, had_previous):
                 crashed = False
             except Crash:
                 crashed = True
-        # a new process starts and recovers before loading
+        # a new process starts, checks its --resume argument, and recovers before loading
+        available = has_complete_copy(final)
         recovered = recover_directory(final)
+        assert available == (recovered is not None)
         siblings = sorted(p.name for p in final.parent.iterdir())
         if recovered is None:
             assert not had_previous, "the previous checkpoint was lost"

@@ -152,6 +152,16 @@ def recover_directory(final: str | os.PathLike) -> Path | None:
     return final
 
 
+def has_complete_copy(final: str | os.PathLike) -> bool:
+    """Whether ``final`` exists or :func:`recover_directory` would restore it (changes nothing).
+
+    For argument checks that run before recovery, e.g. ``--resume output_dir/checkpoint``.
+    """
+    final = Path(final)
+    tmp = _sibling(final, ".tmp")
+    return final.is_dir() or (tmp / COMPLETE_MARKER).is_file() or _sibling(final, ".old").is_dir()
+
+
 def fresh_temp_directory(final: str | os.PathLike) -> Path:
     """An empty ``<final>.tmp`` sibling folder to write a checkpoint into.
 
