@@ -19,7 +19,13 @@ from pmrlhf.rl.config import RLConfig
 from pmrlhf.rl.trainer import RLTrainer
 from pmrlhf.runtime import OutputDirError, claim_output_dir, read_jsonl
 
-pytestmark = pytest.mark.xfail(strict=True, reason="wired by the trainers (docs/reliability.md)")
+# Only the failures of a trainer that does not call the helpers yet count as expected; any other
+# error (a renamed field, a crash) fails as usual.
+pytestmark = pytest.mark.xfail(
+    strict=True,
+    reason="wired by the trainers (docs/reliability.md)",
+    raises=(AssertionError, pytest.fail.Exception, FileNotFoundError),
+)
 
 REWARD_SPEC = f"{Path(__file__).parent / 'scripts' / 'reward_fns.py'}:likes_tea"
 PROMPTS = ["Which drink do you prefer ?"]
