@@ -20,9 +20,11 @@ __all__ = [
     "adapter_base",
     "apply_lora",
     "is_adapter_dir",
+    "is_peft_model",
     "load_policy_model",
     "load_scoring_model",
     "parse_target_modules",
+    "unwrap_peft",
 ]
 
 _TASK_TYPES = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS"}
@@ -82,24 +84,64 @@ def adapter_base(path: str | os.PathLike) -> str:
 
 
 def load_policy_model(
-    path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trainable: bool = True,
 ) -> Any:
-    """A causal LM from a model folder, hub id, ``.gguf`` file or LoRA adapter folder."""
+    """A causal LM from a model folder, hub id, ``.gguf`` file or LoRA adapter folder.
+
+    ``trainable`` says whether the model is to be trained: for an adapter folder the adapter's
+    weights then require gradients (the base weights never do); for a full model all weights
+    do. Frozen copies (a reference, a rollout copy) pass ``trainable=False``. The model comes
+    back in eval mode either way, so that LoRA dropout never perturbs the log-probabilities
+    the trainers score, whatever the adapter was saved with.
+    """
     if is_adapter_dir(path):
         from peft import PeftModel
 
         base = load_causal_lm(adapter_base(path), dtype=dtype, device=device)
-        return PeftModel.from_pretrained(base, str(path)).to(device)
-    return load_causal_lm(str(path), dtype=dtype, device=device)
+        model = PeftModel.from_pretrained(base, str(path), is_trainable=trainable).to(device)
+    else:
+        model = load_causal_lm(str(path), dtype=dtype, device=device)
+        model.requires_grad_(trainable)
+    return model.eval()
 
 
 def load_scoring_model(
-    path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trainable: bool = False,
 ) -> Any:
-    """A scalar reward model from a model folder, hub id or LoRA adapter folder."""
+    """A scalar reward model from a model folder, hub id or LoRA adapter folder.
+
+    Frozen by default (it scores); ``trainable=True`` makes the adapter and its scalar head
+    (or, for a full model, every weight) require gradients. A causal-LM adapter (a LoRA policy
+    used as the critic's start) loads onto the classification model with a fresh head.
+    """
     if is_adapter_dir(path):
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
 
         base = load_reward_model(adapter_base(path), dtype=dtype, device=device)
-        return PeftModel.from_pretrained(base, str(path)).to(device)
-    return load_reward_model(str(path), dtype=dtype, device=device)
+        config = PeftConfig.from_pretrained(str(path))
+        if config.task_type != _TASK_TYPES["seq_cls"]:
+            # not a reward adapter: a generic wrapper, which leaves the classification head be
+            config.task_type = None
+        model = PeftModel.from_pretrained(
+            base, str(path), config=config, is_trainable=trainable
+        ).to(device)
+    else:
+        model = load_reward_model(str(path), dtype=dtype, device=device)
+        model.requires_grad_(trainable)
+    return model.eval()
+
+
+def is_peft_model(model: Any) -> bool:
+    """Whether ``model`` is wrapped by peft (an adapter on top of frozen base weights)."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def unwrap_peft(model: Any) -> Any:
+    """The transformers model under a peft wrapper (its LoRA layers are injected in place)."""
+    return model.get_base_model() if is_peft_model(model) else model

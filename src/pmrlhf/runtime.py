@@ -1,9 +1,10 @@
-"""Run-time plumbing shared by the training commands: seeds, dtypes, JSONL metrics, atomic
-checkpoint folders and RNG state capture."""
+"""Run-time plumbing shared by the training commands: seeds, dtypes, JSONL metrics, crash-safe
+checkpoint folders, output-folder guards and RNG state capture."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -15,6 +16,11 @@ from typing import Any
 
 import numpy as np
 import torch
+
+try:
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover - not POSIX: output folders are guarded but not locked
+    _fcntl = None  # type: ignore[assignment]
 
 
 def set_seed(seed: int) -> None:
@@ -42,31 +48,142 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ------------------------------------------------------------------ crash-safe folder commits
+#
+# A folder (a checkpoint, a saved model) is written into ``<final>.tmp``, flushed to disk, marked
+# complete, and then swapped in by renames: ``final -> final.old``, ``tmp -> final``, drop
+# ``.old``. At every instant at least one complete copy exists on disk: ``final``, or a complete
+# ``.tmp``, or ``.old``; :func:`recover_directory` turns whichever it is back into ``final``.
+
+COMPLETE_MARKER = ".complete"
+
+
+def _sibling(final: Path, suffix: str) -> Path:
+    return final.with_name(final.name + suffix)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a folder's entries (new names, renames); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under ``root``, then every folder, deepest first."""
+    for folder, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            path = Path(folder) / name
+            if not path.is_symlink():
+                _fsync_file(path)
+        _fsync_dir(Path(folder))
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a folder, its completeness marker first, so a half-deleted copy never looks whole."""
+    (path / COMPLETE_MARKER).unlink(missing_ok=True)
+    shutil.rmtree(path)
+
+
+def recover_directory(final: str | os.PathLike) -> Path | None:
+    """Bring ``final`` back after a crash during :func:`commit_directory`; call it before loading.
+
+    - ``final`` exists: it is complete; leftover ``.tmp``/``.old`` folders are removed.
+    - otherwise a complete ``.tmp`` (the newer copy) becomes ``final``;
+    - otherwise ``.old`` (the previous copy) becomes ``final``;
+    - otherwise there is nothing to recover: an unfinished ``.tmp`` is removed.
+
+    Returns ``final``, or ``None`` when no complete copy exists.
+    """
+    final = Path(final)
+    tmp, old = _sibling(final, ".tmp"), _sibling(final, ".old")
+    if final.is_dir():
+        restored = True
+    elif tmp.is_dir() and (tmp / COMPLETE_MARKER).is_file():
+        os.rename(tmp, final)
+        _fsync_dir(final.parent)
+        restored = True
+    elif old.is_dir():
+        os.rename(old, final)
+        _fsync_dir(final.parent)
+        restored = True
+    else:
+        restored = False
+    for leftover in (tmp, old):
+        if leftover.exists():
+            _remove_tree(leftover)
+    if not restored:
+        return None
+    (final / COMPLETE_MARKER).unlink(missing_ok=True)
+    return final
+
+
+def has_complete_copy(final: str | os.PathLike) -> bool:
+    """Whether ``final`` exists or :func:`recover_directory` would restore it (changes nothing).
+
+    For argument checks that run before recovery, e.g. ``--resume output_dir/checkpoint``.
+    """
+    final = Path(final)
+    tmp = _sibling(final, ".tmp")
+    return final.is_dir() or (tmp / COMPLETE_MARKER).is_file() or _sibling(final, ".old").is_dir()
+
+
 def fresh_temp_directory(final: str | os.PathLike) -> Path:
-    """An empty ``<final>.tmp`` sibling folder to write a checkpoint into."""
+    """An empty ``<final>.tmp`` sibling folder to write a checkpoint into.
+
+    Recovers ``final`` first, so that a complete copy left by an earlier crash is never the one
+    deleted to make room.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(final.name + ".tmp")
+    recover_directory(final)
+    tmp = _sibling(final, ".tmp")
     if tmp.exists():
-        shutil.rmtree(tmp)
+        _remove_tree(tmp)
     tmp.mkdir()
     return tmp
 
 
 def commit_directory(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
-    """Move a fully written ``tmp`` folder to ``final`` by renames, replacing what was there.
+    """Replace ``final`` by the fully written folder ``tmp``, crash-safely.
 
-    A crash before this point leaves the previous ``final`` untouched.
+    ``tmp`` is flushed to disk and marked complete before anything is renamed, and each rename
+    is flushed; a crash at any point leaves a state :func:`recover_directory` completes.
     """
     tmp, final = Path(tmp), Path(final)
-    old = final.with_name(final.name + ".old")
+    old = _sibling(final, ".old")
+    _fsync_tree(tmp)
+    marker = tmp / COMPLETE_MARKER
+    with marker.open("w") as f:
+        f.write("complete\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
     if final.exists():
         if old.exists():
-            shutil.rmtree(old)
-        final.rename(old)
-    tmp.rename(final)
+            _remove_tree(old)
+        os.rename(final, old)
+        _fsync_dir(final.parent)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
     if old.exists():
-        shutil.rmtree(old)
+        _remove_tree(old)
+    (final / COMPLETE_MARKER).unlink(missing_ok=True)
 
 
 @contextmanager
@@ -81,20 +198,160 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     commit_directory(tmp, final)
 
 
-class JsonlLogger:
-    """Appends one JSON object per line and flushes it, so a crash loses at most one line."""
+# ------------------------------------------------------------------ output folders
 
-    def __init__(self, path: str | os.PathLike | None, append: bool = False):
+
+class OutputDirError(ValueError):
+    """An output folder that cannot be used as asked (a file, a used folder, a folder in use)."""
+
+
+LOCK_FILE = ".lock"
+# What a finished or running pmrlhf command leaves in its output folder.
+RUN_ARTEFACTS = ("checkpoint*", "metrics.jsonl", "model", "policy", "eval.json", "tensorboard")
+_USED_MARKERS = ("checkpoint*", "metrics.jsonl", "model", "policy")
+
+
+def _matches(path: Path, patterns: tuple[str, ...]) -> list[Path]:
+    found: dict[Path, None] = {}
+    for pattern in patterns:
+        for item in sorted(path.glob(pattern)):
+            found.setdefault(item, None)
+    return list(found)
+
+
+class OutputDirClaim:
+    """An output folder held by this process: an exclusive lock on ``<output_dir>/.lock``.
+
+    Use it as a context manager, or call :meth:`release` when the run ends; the lock also goes
+    when the process dies, so a killed run never leaves its folder locked.
+    """
+
+    def __init__(self, path: Path, fd: int | None):
+        self.path = path
+        self._fd = fd
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            if _fcntl is not None:
+                _fcntl.flock(self._fd, _fcntl.LOCK_UN)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> OutputDirClaim:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _lock(path: Path, command: str) -> int | None:
+    if _fcntl is None:  # pragma: no cover
+        return None
+    lock_path = path / LOCK_FILE
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX | _fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        try:
+            holder = lock_path.read_text().strip()
+        except OSError:
+            holder = ""
+        raise OutputDirError(
+            f"output_dir {path} is in use by another run"
+            + (f" ({holder})" if holder else "")
+            + "; wait for it to finish or choose another output_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()}: {command}\n".encode(), 0)
+    return fd
+
+
+def claim_output_dir(
+    path: str | os.PathLike, *, overwrite: bool, resume: bool, command: str
+) -> OutputDirClaim:
+    """Check and lock a run's output folder before anything is written into it.
+
+    - an existing *file* at ``path`` is refused;
+    - a folder that already holds a run (``metrics.jsonl``, ``checkpoint*``, ``model``,
+      ``policy``) is refused unless ``resume`` (continue it) or ``overwrite`` (replace it: the
+      previous run's checkpoints, metrics, models, ``eval.json`` and TensorBoard logs are
+      deleted, other files are left alone);
+    - the folder is locked for this process; a second run into it gets a clear error that names
+      the folder and the command holding it.
+
+    ``command`` (e.g. ``"pmrlhf rl"``) is recorded in the lock file for that message. Call it on
+    the main process only.
+    """
+    path = Path(path)
+    if overwrite and resume:
+        raise OutputDirError("--overwrite and --resume contradict each other; give one of them")
+    if path.exists() and not path.is_dir():
+        raise OutputDirError(f"output_dir {path} is an existing file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputDirError(f"output_dir {path} cannot be created: {err.strerror}") from None
+    claim = OutputDirClaim(path, _lock(path, command))
+    try:
+        used = _matches(path, _USED_MARKERS)
+        if used and not (overwrite or resume):
+            names = ", ".join(item.name for item in used)
+            raise OutputDirError(
+                f"output_dir {path} already holds a run ({names}); pass --resume to continue "
+                "it or --overwrite to replace it"
+            )
+        if overwrite:
+            for item in _matches(path, RUN_ARTEFACTS):
+                if item.is_dir() and not item.is_symlink():
+                    _remove_tree(item)
+                else:
+                    item.unlink()
+            _fsync_dir(path)
+    except BaseException:
+        claim.release()
+        raise
+    return claim
+
+
+# ------------------------------------------------------------------ metrics
+
+
+class JsonlLogger:
+    """Appends one JSON object per line and flushes it, so a crash loses at most one line.
+
+    Non-finite numbers are written as ``null`` (the file stays valid JSON). With ``resume_step``
+    the existing file is kept up to that step: records of later steps, logged after the
+    checkpoint the run resumes from, are dropped so that no step appears twice, and so is a line
+    cut short by a crash.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike | None,
+        append: bool = False,
+        resume_step: int | None = None,
+    ):
         self.path = Path(path) if path is not None else None
         self._file = None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("a" if append else "w")
+            if resume_step is not None:
+                truncate_jsonl(self.path, resume_step)
+            mode = "a" if (append or resume_step is not None) else "w"
+            self._file = self.path.open(mode)
 
     def log(self, record: dict[str, Any]) -> None:
         if self._file is None:
             return
-        self._file.write(json.dumps(record, default=_jsonable) + "\n")
+        self._file.write(json.dumps(_plain(record), allow_nan=False, default=_jsonable) + "\n")
         self._file.flush()
 
     def close(self) -> None:
@@ -103,11 +360,57 @@ class JsonlLogger:
             self._file = None
 
 
-def _jsonable(value: Any) -> Any:
+def truncate_jsonl(path: str | os.PathLike, last_step: int) -> int:
+    """Keep the records of ``path`` up to ``last_step`` (and those without a step); drop the rest.
+
+    Lines that do not parse (a line cut short by a crash) are dropped too. The file is replaced
+    atomically. Returns the number of records dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept: list[str] = []
+    dropped = 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, (int, float)) and step > last_step:
+            dropped += 1
+            continue
+        kept.append(line)
+    if dropped:
+        tmp = _sibling(path, ".tmp")
+        with tmp.open("w") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    return dropped
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tensors and numpy scalars made Python, and NaN/±inf made ``None``."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
     if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
+        return _plain(value.tolist())
+    if isinstance(value, (np.ndarray, np.generic)):
+        return _plain(value.tolist())
+    return value
+
+
+def _jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value)}")

@@ -7,6 +7,8 @@ scoring time is the one it was sampled with.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +53,79 @@ def _eos_ids(tokenizer, model) -> list[int]:
     return [int(i) for i in ids if i is not None]
 
 
+def sampling_config(
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_new_tokens: int = 0,
+    pad_token_id: int | None = None,
+    eos_token_id: list[int] | None = None,
+    bos_token_id: int | None = None,
+    cache_implementation: str | None = None,
+):
+    """The complete ``GenerationConfig`` of a rollout: ancestral sampling and nothing else.
+
+    Every setting that can change the sampled distribution is given its neutral value here, so
+    that nothing is left for transformers to fill in from a checkpoint's
+    ``generation_config.json``.
+    """
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        do_sample=True,
+        num_beams=1,
+        num_return_sequences=1,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        min_length=0,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0,
+        length_penalty=1.0,
+        renormalize_logits=False,
+        remove_invalid_values=False,
+        use_cache=True,
+        cache_implementation=cache_implementation or None,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=bos_token_id,
+    )
+
+
+@contextmanager
+def _without_checkpoint_generation_defaults(model) -> Iterator[None]:
+    """Hide the checkpoint's generation config from ``model.generate`` while it runs.
+
+    ``generate`` fills every field its ``generation_config`` argument leaves at ``None`` from
+    ``model.generation_config``. Fields whose neutral value *is* ``None`` (``min_p``,
+    ``suppress_tokens``, ``bad_words_ids``, ``sequence_bias``, ``forced_eos_token_id``,
+    watermarking, …) cannot be switched off through the argument, so the model's own config is
+    replaced by a blank one for the duration of the call. This covers a peft wrapper too: the
+    swap is done on every sub-module that owns a generation config.
+    """
+    from transformers import GenerationConfig
+
+    owners = [
+        m for m in model.modules() if isinstance(vars(m).get("generation_config"), GenerationConfig)
+    ]
+    saved = [vars(m)["generation_config"] for m in owners]
+    for owner in owners:
+        owner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        for owner, config in zip(owners, saved, strict=True):
+            owner.generation_config = config
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -65,20 +140,20 @@ def generate(
     cache_implementation: str | None = None,
     allowed_token_ids: list[int] | None = None,
 ) -> Rollout:
-    """Sample one response per prompt with HF ``generate`` (plain ancestral sampling by default).
+    """Sample one response per prompt with HF ``generate``: plain ancestral sampling by default.
 
-    ``allowed_token_ids`` restricts sampling to a fixed token set; pass the same list to
-    :func:`token_logprobs` so that scoring uses the same renormalised distribution.
+    Only the settings given here shape the sampled distribution; whatever the checkpoint's
+    ``generation_config.json`` says about repetition penalties, ``min_p``, suppressed tokens
+    and the like is ignored (see :func:`sampling_config`). ``allowed_token_ids`` restricts
+    sampling to a fixed token set; pass the same list to :func:`token_logprobs` so that scoring
+    uses the same renormalised distribution.
     """
-    from transformers import GenerationConfig
-
     device = next(model.parameters()).device
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True).to(
         device
     )
     eos_ids = _eos_ids(tokenizer, model)
-    config = GenerationConfig(
-        do_sample=True,
+    config = sampling_config(
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
         temperature=temperature,
@@ -87,13 +162,13 @@ def generate(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=eos_ids if stop_at_eos else None,
         bos_token_id=tokenizer.bos_token_id,
+        cache_implementation=cache_implementation,
     )
-    if cache_implementation:
-        config.cache_implementation = cache_implementation
     extra = {}
     if allowed_token_ids is not None:
         extra["logits_processor"] = [_AllowedTokens(allowed_token_ids)]
-    sequences = model.generate(**encoded, generation_config=config, **extra)
+    with _without_checkpoint_generation_defaults(model):
+        sequences = model.generate(**encoded, generation_config=config, **extra)
     prompt_length = encoded.input_ids.shape[1]
     response_ids = sequences[:, prompt_length:]
     response_mask = (
@@ -139,6 +214,10 @@ def token_logprobs(
 
     Only the logits that predict response tokens are materialised in fp32, which keeps memory at
     ``B × T × V`` rather than ``B × (P+T) × V``. Returns ``(logp, entropy or None)``.
+
+    Padding positions (attention mask 0 after a response's EOS) hold log-prob 0 and entropy 0,
+    never ``-inf``: with ``allowed_token_ids`` the pad token is outside the allowed set, and an
+    infinite value there would turn into NaN in any later ``exp(a - b) * mask``.
     """
     outputs = model(
         input_ids=sequences,
@@ -151,14 +230,28 @@ def token_logprobs(
     if allowed_token_ids is not None:
         logits = restrict_logits(logits, torch.tensor(allowed_token_ids, device=logits.device))
     targets = sequences[:, prompt_length:]
+    valid = attention_mask[:, prompt_length:].bool()
     log_norm = torch.logsumexp(logits, dim=-1)
-    logp = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - log_norm
+    picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(valid, picked - log_norm, 0.0)
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            probs = torch.softmax(logits, dim=-1)
-            entropy = log_norm - (probs * logits.masked_fill(probs == 0, 0.0)).sum(-1)
+            restricted = allowed_token_ids is not None
+            entropy = torch.where(valid, _entropy(logits, log_norm, restricted), 0.0)
     return logp, entropy
+
+
+def _entropy(logits: Tensor, log_norm: Tensor, restricted: bool) -> Tensor:
+    """``H = log Z − Σ p·logit`` with ``p = exp(logit − log Z)``, reusing the normaliser.
+
+    With ``restricted``, logits at ``-inf`` (tokens outside the allowed set) have ``p = 0`` and
+    are made finite first so that they contribute ``0`` rather than ``0·(−inf) = NaN``.
+    """
+    probs = (logits - log_norm.unsqueeze(-1)).exp_()
+    if restricted:
+        logits = logits.clamp_min(torch.finfo(logits.dtype).min)
+    return log_norm - torch.linalg.vecdot(probs, logits)
 
 
 class ValueModel(torch.nn.Module):
@@ -167,21 +260,46 @@ class ValueModel(torch.nn.Module):
     Wrapping the reward-model architecture lets the critic start from the reward model (as in
     the paper) and save back as one. The value at response position t is read from the hidden
     state that sees ``s_t = (x, y_<t)``, the position just before token ``y_t``.
+
+    The critic is trained, so its weights are made trainable here however the model was
+    loaded: a full model entirely; a LoRA (peft) model its adapter and the scalar head, with
+    the base weights left frozen. The backbone is reached through a peft wrapper, whose own
+    forward returns classification outputs without hidden states.
     """
 
     def __init__(self, model):
         super().__init__()
         self.model = model
         self.head = _value_head(model)
+        _make_critic_trainable(model, self.head)
 
     def forward(self, sequences: Tensor, attention_mask: Tensor, prompt_length: int) -> Tensor:
-        hidden = self.model.base_model(
+        hidden = _backbone(self.model)(
             input_ids=sequences,
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
         ).last_hidden_state
         return self.head(hidden[:, prompt_length - 1 : -1]).squeeze(-1).float()
+
+
+def _backbone(model) -> torch.nn.Module:
+    """The transformer body (``LlamaModel`` …) of a plain or peft-wrapped classification model."""
+    from pmrlhf.lora import unwrap_peft
+
+    return unwrap_peft(model).base_model
+
+
+def _make_critic_trainable(model, head: torch.nn.Module) -> None:
+    from pmrlhf.lora import is_peft_model
+
+    if is_peft_model(model):
+        model.set_requires_grad(model.active_adapters, requires_grad=True)
+        if not hasattr(head, "modules_to_save"):
+            # a head peft does not manage (a causal-LM adapter on a fresh classification head)
+            head.requires_grad_(True)
+    else:
+        model.requires_grad_(True)
 
 
 def _value_head(model):

@@ -1,0 +1,149 @@
+"""RL runs and their output folders: guard, lock, crash recovery on resume, metrics without repeats.
+
+These check the trainer's use of the :mod:`pmrlhf.runtime` helpers (``claim_output_dir``,
+``recover_directory``, ``JsonlLogger(resume_step=...)``). They are strict ``xfail`` until the
+trainer calls them; an unexpected pass then fails, and the marker is removed with the wiring.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from pmrlhf.rl.config import RLConfig
+from pmrlhf.rl.trainer import RLTrainer
+from pmrlhf.runtime import OutputDirError, claim_output_dir, read_jsonl
+
+# Only the failures of a trainer that does not call the helpers yet count as expected; any other
+# error (a renamed field, a crash) fails as usual.
+pytestmark = pytest.mark.xfail(
+    strict=True,
+    reason="wired by the trainers (docs/reliability.md)",
+    raises=(AssertionError, pytest.fail.Exception, FileNotFoundError),
+)
+
+REWARD_SPEC = f"{Path(__file__).parent / 'scripts' / 'reward_fns.py'}:likes_tea"
+PROMPTS = ["Which drink do you prefer ?"]
+
+
+def make_config(policy: Path, out: Path, **overrides) -> RLConfig:
+    values = dict(
+        policy=str(policy), reward=REWARD_SPEC, algo="rloo", regularizer="kl", steps=2,
+        prompts_per_step=2, samples_per_prompt=2, max_new_tokens=4, lr=1e-2,
+        output_dir=str(out), quiet=True,
+    )  # fmt: skip
+    values.update(overrides)
+    return RLConfig(**values)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_a_second_run_into_a_finished_runs_folder_is_refused(tiny_model_dir, tmp_path):
+    RLTrainer(make_config(tiny_model_dir, tmp_path), prompts=PROMPTS).train()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"}
+    again = RLTrainer(make_config(tiny_model_dir, tmp_path), prompts=PROMPTS)
+    with pytest.raises(OutputDirError, match="already holds a run") as err:
+        again.train()
+    assert str(tmp_path) in str(err.value)
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == before, "the refused run touched the finished one"
+
+
+def _hold(path: str, ready, release) -> None:
+    claim = claim_output_dir(path, overwrite=False, resume=True, command="pmrlhf rl (other)")
+    ready.set()
+    release.wait(60)
+    claim.release()
+
+
+def test_a_run_into_a_folder_another_run_holds_is_refused(tiny_model_dir, tmp_path):
+    context = multiprocessing.get_context("fork")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold, args=(str(tmp_path), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        trainer = RLTrainer(make_config(tiny_model_dir, tmp_path), prompts=PROMPTS)
+        with pytest.raises(OutputDirError, match="in use by another run"):
+            trainer.train()
+        assert not (tmp_path / "metrics.jsonl").exists()
+    finally:
+        release.set()
+        holder.join(60)
+
+
+def test_resume_recovers_a_checkpoint_whose_commit_crashed_between_the_renames(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    config = make_config(tiny_model_dir, tmp_path, steps=3, save_every=1)
+    real_rename = os.rename
+    commits = []
+
+    def rename(src, dst):
+        if str(src).endswith("checkpoint.tmp"):
+            commits.append(dst)
+            if len(commits) == 2:
+                raise _Crash("killed between the renames")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(_Crash):
+        RLTrainer(config, prompts=PROMPTS).train()
+    monkeypatch.undo()
+    checkpoint = tmp_path / "checkpoint"
+    assert not checkpoint.exists()
+    resumed = RLTrainer(
+        make_config(tiny_model_dir, tmp_path, steps=3, save_every=1), prompts=PROMPTS
+    )
+    resumed.train(resume=checkpoint)
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 3
+    assert [row["step"] for row in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
+class _CrashAtStep:
+    """A reward that dies on its n-th call (the n-th step), like a kill."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def __call__(self, prompts, completions):
+        self.calls += 1
+        if self.calls == self.n:
+            raise _Crash("killed")
+        return [float(c.split().count("tea")) for c in completions]
+
+
+def test_steps_logged_after_the_last_checkpoint_appear_once_after_resume(tiny_model_dir, tmp_path):
+    config = make_config(tiny_model_dir, tmp_path, steps=5, save_every=2)
+    with pytest.raises(_Crash):
+        RLTrainer(config, reward_fn=_CrashAtStep(4), prompts=PROMPTS).train()
+    # steps 1-3 were logged; the checkpoint holds step 2
+    assert [row["step"] for row in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    resumed = RLTrainer(make_config(tiny_model_dir, tmp_path, steps=5, save_every=2),
+                        reward_fn=_CrashAtStep(0), prompts=PROMPTS)  # fmt: skip
+    resumed.train(resume=tmp_path / "checkpoint")
+    assert [row["step"] for row in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
+def test_the_reference_and_the_rollout_copy_load_frozen(tiny_model_dir, tmp_path, monkeypatch):
+    from pmrlhf import lora
+
+    calls: list[bool] = []
+    real = lora.load_policy_model
+
+    def recording(path, *args, trainable: bool = True, **kwargs):
+        calls.append(trainable)
+        return real(path, *args, trainable=trainable, **kwargs)
+
+    monkeypatch.setattr(lora, "load_policy_model", recording)
+    trainer = RLTrainer(make_config(tiny_model_dir, tmp_path), prompts=PROMPTS)
+    assert calls == [True, False], "policy trainable, reference frozen"
+    assert trainer.ref is not None and not any(p.requires_grad for p in trainer.ref.parameters())
+    assert torch.is_grad_enabled()
