@@ -215,7 +215,9 @@ def _split_gguf(name_or_path: str) -> tuple[str, dict]:
     return name_or_path, {}
 
 
-def _from_pretrained(loader, name_or_path: str | os.PathLike, option_name: str, **kwargs):
+def _from_pretrained(
+    loader, name_or_path: str | os.PathLike, option_name: str, needs_weights: bool = True, **kwargs
+):
     """``loader.from_pretrained`` on a checked location; a load failure names the option.
 
     transformers reports a folder without the expected files, or a hub id that cannot be
@@ -224,10 +226,18 @@ def _from_pretrained(loader, name_or_path: str | os.PathLike, option_name: str, 
     text = str(name_or_path)
     location, extra = _split_gguf(resolve_model_location(text, option_name))
     folder = Path(location)
-    if folder.is_dir() and not extra and not any((folder / f).is_file() for f in _MODEL_FILES):
-        raise FileNotFoundError(
-            f"{option_name} {text!r}: the folder holds no model (no config.json or tokenizer files)"
-        )
+    if folder.is_dir() and not extra:
+        if not any((folder / f).is_file() for f in _MODEL_FILES):
+            raise FileNotFoundError(
+                f"{option_name} {text!r}: the folder holds no model (no config.json or "
+                "tokenizer files)"
+            )
+        if needs_weights and not any(
+            (folder / f).is_file() for f in ("config.json", "adapter_config.json")
+        ):
+            raise FileNotFoundError(
+                f"{option_name} {text!r}: the folder holds no model weights (no config.json)"
+            )
     try:
         return loader.from_pretrained(location, **extra, **kwargs)
     except OSError as err:
@@ -244,7 +254,7 @@ def load_tokenizer(name_or_path: str, padding_side: str = "left", option_name: s
     """A tokenizer with a pad token (EOS if it has none), padding on the left for generation."""
     from transformers import AutoTokenizer
 
-    tokenizer = _from_pretrained(AutoTokenizer, name_or_path, option_name)
+    tokenizer = _from_pretrained(AutoTokenizer, name_or_path, option_name, needs_weights=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = padding_side
