@@ -92,6 +92,15 @@ def test_an_exception_in_the_reward_function_is_reported_with_its_line(tmp_path)
         reward(PROMPTS, COMPLETIONS)
 
 
+def test_an_exception_in_a_python_callable_keeps_its_type():
+    # from Python the caller gets its own exception and traceback back
+    def broken(prompts, completions):
+        raise KeyError("missing")
+
+    with pytest.raises(KeyError, match="missing"):
+        CallableReward(broken)(PROMPTS, COMPLETIONS)
+
+
 def test_default_name_is_the_function():
     with pytest.raises(RewardError, match=r"^reward function my_score returned 2 rewards .* 3 "):
         CallableReward(my_score)(PROMPTS, COMPLETIONS)

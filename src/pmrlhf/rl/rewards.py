@@ -183,16 +183,20 @@ def _as_rewards(values: Any, n: int, name: str) -> Tensor:
 class CallableReward:
     """Wraps ``fn(prompts, completions) -> floats`` and checks what it returns.
 
-    An exception inside ``fn``, a value that is not one number per completion (None, a dict,
-    a generator, strings, the wrong length) and NaN or infinite rewards each raise
-    :class:`RewardError` naming the reward function.
+    A value that is not one number per completion (None, a dict, a generator, strings, the
+    wrong length) and NaN or infinite rewards raise :class:`RewardError` naming the reward
+    function. With ``wrap_errors`` (how ``--reward module:function`` is loaded), an exception
+    raised inside ``fn`` also becomes a one-line RewardError that names the function and the
+    line it came from; without it (a callable passed in from Python) the exception propagates
+    unchanged, with its traceback.
     """
 
-    def __init__(self, fn: Callable, name: str | None = None):
+    def __init__(self, fn: Callable, name: str | None = None, wrap_errors: bool = False):
         self.fn = fn
         if name is None:
             name = f"reward function {getattr(fn, '__qualname__', type(fn).__name__)}"
         self.name = name
+        self.wrap_errors = wrap_errors
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> Tensor:
         if isinstance(self.fn, (CallableReward, ModelReward)):
@@ -203,6 +207,8 @@ class CallableReward:
             except RewardError:
                 raise
             except Exception as err:
+                if not self.wrap_errors:
+                    raise
                 code = getattr(self.fn, "__code__", None)
                 raise _user_code_error(
                     self.name, err, filename=getattr(code, "co_filename", None)
@@ -260,4 +266,4 @@ def load_reward(spec: str, device: torch.device, dtype: torch.dtype) -> RewardFn
                     "('module:function' or 'path/to/file.py:function')"
                 ) from None
         return ModelReward(spec, device, dtype)
-    return CallableReward(load_callable(spec), name=f"reward function {spec}")
+    return CallableReward(load_callable(spec), name=f"reward function {spec}", wrap_errors=True)
