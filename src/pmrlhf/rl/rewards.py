@@ -58,8 +58,8 @@ def _user_code_error(
         message = " ".join(str(err).split())
         frames = traceback.extract_tb(err.__traceback__)
         own = [f for f in frames if filename is not None and f.filename == filename]
-        frame = (own or frames or [None])[-1]
-        file, line = (frame.filename, frame.lineno) if frame is not None else (None, None)
+        chosen = own or list(frames)
+        file, line = (chosen[-1].filename, chosen[-1].lineno) if chosen else (None, None)
     where = f" ({Path(file).name}, line {line})" if file else ""
     doing = f": {action}" if action else ""
     return RewardError(f"{name}{doing} raised {type(err).__name__}: {message}{where}")
