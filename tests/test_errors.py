@@ -185,6 +185,9 @@ CASES = [
     case("sft-model-missing", _sft(**{"--model": "./missing_model"}), "no such file or folder"),
     case("rl-policy-missing", _rl(**{"--policy": "runs/sft/model"}), "no such file or folder"),
     case("rl-reward-no-colon-missing", _rl(**{"--reward": "runs/rm/missing"}), "--reward"),
+    # --- output folders (item 11)
+    case("rl-output-dir-is-file", _rl(**{"--output-dir": "{a_file}"}), "a_file.txt"),
+    case("sft-output-dir-is-file", _sft(**{"--output-dir": "{a_file}"}), "a_file.txt"),
     # --- reward callables (item 11)
     case("eval-reward-none", _eval(**{"--reward": "{rewards_py}:gives_none"}), "returned None"),
     case("eval-reward-dict", _eval(**{"--reward": "{rewards_py}:gives_dict"}), "returned a dict"),
@@ -244,6 +247,8 @@ CASES = [
         "sft-config-missing", lambda f: ["sft", "--config", str(f["root"] / "no.yaml")], "not found"
     ),
     # --- data files (item 13)
+    case("data-missing-folder", _score(**{"--data": "./no_such_data"}), "data file or folder not"),
+    case("data-missing-nested", _score(**{"--data": "data/rl/prompts"}), "data file or folder not"),
     case("data-missing-file", _score(**{"--data": "{root}/absent.jsonl"}), "data file not found"),
     case(
         "data-jsonl-latin1",

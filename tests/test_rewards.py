@@ -35,6 +35,7 @@ def my_score(prompts, completions):
         (np.array([1, 0, 1], dtype=np.int64), [1.0, 0.0, 1.0]),
         ([np.float32(0.5), np.int64(2), torch.tensor(1.5)], [0.5, 2.0, 1.5]),
         (torch.tensor([[1.0], [2.0], [3.0]]), [1.0, 2.0, 3.0]),  # a (N, 1) head output
+        ([[1.0], [2.0], [3.0]], [1.0, 2.0, 3.0]),  # the same as nested lists
         ([True, False, True], [1.0, 0.0, 1.0]),  # a verifier's pass/fail
     ],
 )
@@ -55,7 +56,7 @@ def _gen(prompts, completions):
         ("1.0", r"returned the string '1\.0'"),
         (["1", "2", "3"], r"returned the string '1' at position 0"),
         ([1.0, None, 2.0], r"returned None at position 1"),
-        ([[1.0], [2.0], [3.0]], r"returned a list at position 0"),
+        ([[1.0, 2.0], [2.0], [3.0]], r"returned a list at position 0"),
         ([1.0, 2.0], r"returned 2 rewards of shape \(2,\) for 3 completions"),
         (torch.ones(3, 2), r"returned 6 rewards of shape \(3, 2\)"),
         (np.array(["a", "b", "c"]), r"returned an array of <U1 values"),

@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def one_line(err: BaseException) -> str:
     """The error's message on one line (a library's multi-line message is joined with '; ')."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        return f"{err.filename}: {err.strerror}"  # rather than "[Errno 17] File exists: ..."
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return "; ".join(lines) or type(err).__name__
 

@@ -96,7 +96,24 @@ def read_table(source: str | os.PathLike, split: str | None = None) -> Table:
             f"{text}: unsupported data file type {suffix or '(no suffix)'!r}; "
             f"use one of {', '.join(LOCAL_FORMATS)} or a Hugging Face dataset name"
         )
+    if _looks_local(text):
+        # a local path that does not exist is never looked up on the Hub
+        raise FileNotFoundError(f"data file or folder not found: {text}")
     return _read_hub(text, split)
+
+
+def _looks_local(text: str) -> bool:
+    """A name that can only be a path: ``./x``, ``/x``, ``~/x``, ``a/b/c``, ``x/``, ``a\\b``.
+
+    Hub datasets are ``name`` or ``owner/name``, the same rule as for models
+    (:func:`pmrlhf.models.resolve_model_location`).
+    """
+    return (
+        text.startswith((".", "/", "~"))
+        or "\\" in text
+        or text.count("/") > 1
+        or text.endswith("/")
+    )
 
 
 # --------------------------------------------------------------------------- local files

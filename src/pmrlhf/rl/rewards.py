@@ -164,6 +164,8 @@ def _as_rewards(values: Any, n: int, name: str) -> Tensor:
             raise RewardError(f"{name} returned {_describe(values)}; {expected}")
         numbers = []
         for i, value in enumerate(values):
+            if isinstance(value, (list, tuple)) and len(value) == 1:
+                value = value[0]  # a (N, 1) column as nested lists
             if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
                 value = value.item()  # numpy or torch scalars
             if not isinstance(value, (int, float)):
