@@ -61,6 +61,7 @@ def _gen(prompts, completions):
         (torch.ones(3, 2), r"returned 6 rewards of shape \(3, 2\)"),
         (np.array(["a", "b", "c"]), r"returned an array of <U1 values"),
         (3.0, r"returned a float"),
+        (torch.tensor(3.0), r"returned a single number \(a 0-d tensor\)"),
         ([1.0, float("nan"), 2.0], r"returned non-finite rewards \(1 NaN, 0 infinite of 3\).*'b'"),
         (
             torch.tensor([1.0, 2.0, float("inf")]),

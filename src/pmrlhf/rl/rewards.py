@@ -172,6 +172,8 @@ def _as_rewards(values: Any, n: int, name: str) -> Tensor:
                 raise RewardError(f"{name} returned {_describe(value)} at position {i}; {expected}")
             numbers.append(float(value))
         out = torch.tensor(numbers, dtype=torch.float32)
+    if out.dim() == 0:
+        raise RewardError(f"{name} returned a single number (a 0-d tensor); {expected}")
     if out.dim() == 2 and out.shape[-1] == 1:
         out = out[:, 0]  # a (N, 1) column, as a one-label model head gives
     if out.dim() != 1 or out.numel() != n:
