@@ -200,3 +200,38 @@ def test_to_dict_round_trips_through_load_config():
     data = to_dict(config)
     assert data["beta"] == 0.5 and data["betas"] == [1.0]
     assert load_config(ToyConfig, data) == config
+
+
+# --------------------------------------------------------------------------- YAML errors
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("beta: 0.2\n\tepochs: 3\n", r"line 2: invalid YAML: .*'\\t'.*replace the tab"),
+        ("beta: [0.2\nepochs: 3\n", r"line 2: invalid YAML: while parsing a flow sequence"),
+        ("run_name: 'open\n", r"line 2: invalid YAML: .*quoted scalar"),
+        ("beta: 0.2\nepochs: 3\nbeta: 0.5\n", r"line 3: invalid YAML: duplicate key 'beta' \(first given on line 1\)"),
+        ("betas: {a: 1, a: 2}\n", r"line 1: invalid YAML: duplicate key 'a'"),
+    ],
+)  # fmt: skip
+def test_yaml_errors_name_file_and_line(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=r"run\.yaml, " + message) as info:
+        resolve(["--config", str(path)])
+    assert "\n" not in str(info.value)
+
+
+def test_config_file_encoding(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"\xef\xbb\xbfbeta: 0.2\n")  # a byte-order mark is fine
+    assert resolve(["--config", str(path)]).beta == 0.2
+    path.write_bytes(b"beta: 0.2\nrun_name: caf\xe9\n")
+    with pytest.raises(ValueError, match=r"run\.yaml, line 2: not UTF-8 text \(byte 0xe9\)"):
+        resolve(["--config", str(path)])
+
+
+def test_set_values_are_yaml_and_their_errors_name_the_option():
+    config = resolve(["--set", "betas=[0.2, 0.3]", "--set", "beta=1e-2"])
+    assert config.betas == [0.2, 0.3] and config.beta == 0.01
+    with pytest.raises(ValueError, match=r"--set betas=\[0\.2, line 1: invalid YAML"):
+        resolve(["--set", "betas=[0.2"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -273,3 +274,124 @@ def test_conversational_pairs_share_their_leading_turns_as_the_prompt(tmp_path):
     assert load_pairs(path)[0] == PairRecord(expected_prompt, " Apple.", " Rock.")
     assert load_sft_records(path)[0] == SFTRecord(expected_prompt, " Apple.")
     assert load_prompts(path)[0] == PromptRecord(expected_prompt)
+
+
+# --------------------------------------------------------------------------- edge cases
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("bom.jsonl", b'\xef\xbb\xbf{"prompt": "q", "chosen": "a", "rejected": "b"}\r\n'),
+        ("bom.json", b'\xef\xbb\xbf[{"prompt": "q", "chosen": "a", "rejected": "b"}]'),
+        ("bom.csv", b"\xef\xbb\xbfprompt,chosen,rejected\r\nq,a,b\r\n"),
+    ],
+)
+def test_utf8_with_a_byte_order_mark_is_accepted(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert list(load_pairs(path)) == [PairRecord("q", "a", "b")]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "location"),
+    [
+        ("latin1.jsonl", b'{"prompt": "q"}\n{"prompt": "caf\xe9"}\n', "line 2"),
+        ("latin1.json", b'[{"prompt": "q"},\n {"prompt": "caf\xe9"}]', "line 2"),
+        ("latin1.csv", b"prompt\nq\ncaf\xe9\n", "line 3"),
+    ],
+)
+def test_non_utf8_file_names_file_and_line(tmp_path, name, content, location):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"{name}, {location}: not UTF-8 text \(byte 0xe9"):
+        load_prompts(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("prompt,chosen,rejected\nq,a,b\nq,a,b,c\n", r"line 3: expected 3 fields"),
+        ("prompt,chosen,rejected\nq,a\n", r"line 2: expected 3 fields"),
+        ('prompt,chosen,rejected\nq,"a,b\n', r"line 2: malformed CSV"),
+        ("prompt,chosen,prompt\nq,a,b\n", r"line 1: column 'prompt' appears twice"),
+        ("prompt,,rejected\nq,a,b\n", r"line 1: the header has an empty column name"),
+        ("prompt,chosen,rejected\n", r"no rows"),
+    ],
+)
+def test_bad_csv_names_file_and_line(tmp_path, content, message):
+    path = tmp_path / "bad.csv"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=rf"bad\.csv(, )?.*{message}"):
+        load_pairs(path)
+
+
+def test_csv_cells_are_validated_as_the_text_in_the_file(tmp_path):
+    # no type guessing: "42" stays a string and "NA" is a response, not a missing value
+    path = tmp_path / "sft.csv"
+    path.write_text('prompt,completion\n42,NA\n"multi\nline",null\n')
+    records = load_sft_records(path)
+    assert list(records) == [SFTRecord("42", "NA"), SFTRecord("multi\nline", "null")]
+
+
+def test_tied_scores_are_rejected_for_training_and_kept_for_scoring(tmp_path):
+    path = tmp_path / "tied.jsonl"
+    rows = [
+        {"prompt": "q", "responses": ["a", "b", "c"], "scores": [1, 2, 3]},
+        {"prompt": "q", "responses": ["a", "b", "c"], "scores": [2.5, 1, 2.5]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(
+        ValueError,
+        match=r"tied\.jsonl, line 2, field 'scores': scores\[0\] and scores\[2\] are tied at 2\.5",
+    ):
+        load_rankings(path)
+    # scoring and SFT need no strict order: ties keep the listed order
+    assert load_scoring_records(path)[1].responses == ("a", "c", "b")
+    assert load_sft_records(path)[1].completion == "a"
+
+
+@pytest.mark.parametrize(
+    ("scores", "field"),
+    [([1, "2"], "scores[1]"), (["1", "2"], "scores[0]"), ([1, None], "scores[1]"),
+     ([True, 2], "scores[0]"), ("12", "scores")],
+)  # fmt: skip
+def test_mixed_type_scores_are_rejected_whatever_the_other_rows_hold(tmp_path, scores, field):
+    # the same bad row is rejected alone and after a row of numbers, whose column type
+    # would otherwise make the reader coerce "2" to 2
+    good = {"prompt": "q", "responses": ["a", "b"], "scores": [1, 2.5]}
+    bad = {"prompt": "q", "responses": ["a", "b"], "scores": scores}
+    for rows, line in (([bad], 1), ([good, bad], 2)):
+        path = tmp_path / "mixed.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with pytest.raises(ValueError, match=rf"line {line}, field '{re.escape(field)}'"):
+            load_rankings(path)
+
+
+def test_int_and_float_scores_mix_freely(tmp_path):
+    path = tmp_path / "numbers.jsonl"
+    rows = [
+        {"prompt": "q", "responses": ["a", "b"], "scores": [1, 2.5]},
+        {"prompt": "q", "responses": ["a", "b"], "scores": [3.0, 2]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [r.responses for r in load_rankings(path)] == [("b", "a"), ("a", "b")]
+
+
+@pytest.mark.parametrize(
+    ("row", "kind", "message"),
+    [
+        ({"prompt": "q", "chosen": "Paris.", "rejected": "Paris ."}, "pair",
+         r"field 'rejected': tokenizes to the same tokens as 'chosen'"),
+        ({"prompt": "q", "responses": ["Paris.", "Lyon.", "Paris ."]}, "ranking",
+         r"field 'responses': items 0 and 2 tokenize to the same tokens"),
+        ({"prompt": "q", "chosen": "Zzyzx", "rejected": "Qwxyq"}, "pair",
+         r"field 'rejected': tokenizes to the same tokens"),  # both are the unknown token
+    ],
+)  # fmt: skip
+def test_responses_that_tokenize_identically_are_duplicates(
+    tmp_path, tokenizer, row, kind, message
+):
+    path = tmp_path / "same_tokens.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=r"same_tokens\.jsonl, line 1, " + message):
+        read_records(path, kind, tokenizer)
+    assert len(read_records(path, kind)) == 1  # without a tokenizer only equal strings clash

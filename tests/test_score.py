@@ -120,3 +120,71 @@ def test_score_command_loads_a_lora_adapter_folder(reward_model_dir, tmp_path):
             load_reward_model(str(reward_model_dir)), tokenizer, prompts, list(record.responses)
         )
         assert not torch.allclose(base, torch.tensor(values), atol=1e-4)
+
+
+def test_nan_rewards_are_never_written(reward_model_dir, tmp_path, capsys):
+    model = load_reward_model(str(reward_model_dir))
+    with torch.no_grad():
+        model.score.weight.fill_(float("nan"))
+    nan_dir = tmp_path / "nan_rm"
+    model.save_pretrained(nan_dir)
+    load_tokenizer(str(reward_model_dir)).save_pretrained(nan_dir)
+    out = tmp_path / "scores.jsonl"
+    data = FIXTURES / "pairs.jsonl"
+    code = main(["score", "--model", str(nan_dir), "--data", str(data), "--out", str(out)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "4 of 4 rewards are not finite (the first, nan, for " in err
+    assert "pairs.jsonl, line 1, response 0); nothing was written" in err
+    assert not out.exists() and not out.with_name(out.name + ".tmp").exists()
+
+
+def test_options_are_checked_before_any_work(tmp_path, capsys):
+    # the model does not exist either, yet the output folder is what gets reported: no model or
+    # data was loaded before the check
+    for args, message in [
+        (["--out", str(tmp_path)], "is a folder"),
+        (["--out", str(tmp_path / "s.jsonl"), "--max-length", "0"], "--max-length"),
+    ]:
+        code = main(["score", "--model", "./missing", "--data", "./missing.jsonl", *args])
+        assert code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_truncation_that_leaves_no_response_token_is_reported(reward_model_dir, tmp_path):
+    from pmrlhf.score import empty_responses
+
+    tokenizer = load_tokenizer(str(reward_model_dir))
+    prompts = ["What is the capital of France?", "Q:"]
+    responses = ["Paris.", "Paris."]
+    # the first prompt is 7 word tokens (this tokenizer adds no BOS): a cut at 7 leaves nothing
+    # of its response, a cut at 8 leaves one token
+    assert len(tokenizer(prompts[0])["input_ids"]) == 7
+    assert empty_responses(tokenizer, prompts, responses, 7) == [0]
+    assert empty_responses(tokenizer, prompts, responses, 8) == []
+    assert empty_responses(tokenizer, prompts, responses, 2) == [0, 1]
+    out = tmp_path / "scores.jsonl"
+    argv = ["score", "--model", str(reward_model_dir), "--data", str(FIXTURES / "sft.jsonl")]
+    with pytest.warns(UserWarning, match=r"responses have no tokens left after the cut to "
+                      r"--max-length 3 \(the first: .*sft\.jsonl, line 1, response 0\)"):  # fmt: skip
+        assert main([*argv, "--out", str(out), "--max-length", "3"]) == 0
+    assert out.is_file()
+
+
+def test_warnings_print_as_one_line_on_the_command_line(reward_model_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "scores.jsonl"
+    src = str(Path(__file__).parents[1] / "src")
+    env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(
+        [sys.executable, "-m", "pmrlhf", "score", "--model", str(reward_model_dir),
+         "--data", str(FIXTURES / "sft.jsonl"), "--out", str(out), "--max-length", "3"],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    warning = [line for line in result.stderr.splitlines() if "no tokens left" in line]
+    assert len(warning) == 1 and warning[0].startswith("pmrlhf score: warning: ")
+    assert "warnings.warn(" not in result.stderr

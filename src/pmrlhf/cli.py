@@ -6,6 +6,23 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
+
+# What the user can fix: bad options, values, files and data. Every check in the project raises
+# one of these with a message that names the option, file, row or field, so the command prints
+# that one line and exits with 2 (argparse's code for usage errors). Any other exception is a
+# bug in the project or a library and keeps its traceback, which is what a bug report needs.
+# ValueError covers DataError, UnicodeDecodeError and the reward-function errors; the OSError
+# subclasses are the file-system mistakes (a missing file, a folder where a file belongs, no
+# permission).
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
 
 # name -> (module, one-line summary). Each module defines ``add_arguments(parser)`` and
 # ``run(args) -> int``.
@@ -56,11 +73,36 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if not argv else 2
     module, parser = build_command_parser(argv[0])
     args = parser.parse_args(argv[1:])
+    prog = f"pmrlhf {argv[0]}"
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = _warning_line(prog)
     try:
         return int(module.run(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"pmrlhf {argv[0]}: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line (a library's multi-line message is joined with '; ')."""
+    if isinstance(err, OSError) and err.strerror and err.filename is not None:
+        return f"{err.filename}: {err.strerror}"  # rather than "[Errno 17] File exists: ..."
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return "; ".join(lines) or type(err).__name__
+
+
+def _warning_line(prog: str):
+    # Warnings print as "pmrlhf CMD: warning: ..." rather than with a source line of this package.
+    def format_warning(message, category, filename, lineno, line=None) -> str:
+        kind = "" if category is UserWarning else f"{category.__name__}: "
+        return f"{prog}: warning: {kind}{message}\n"
+
+    return format_warning
 
 
 if __name__ == "__main__":

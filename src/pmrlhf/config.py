@@ -16,7 +16,14 @@ from typing import Any, TypeVar
 
 import yaml
 
-__all__ = ["add_config_arguments", "config_from_args", "load_config", "option", "to_dict"]
+__all__ = [
+    "add_config_arguments",
+    "config_from_args",
+    "load_config",
+    "load_yaml",
+    "option",
+    "to_dict",
+]
 
 T = TypeVar("T")
 
@@ -162,7 +169,18 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     if path is not None:
         if not Path(path).is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        raw = Path(path).read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as err:
+            line = raw.count(b"\n", 0, err.start) + 1
+            raise ValueError(
+                f"{path}, line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x}); save the "
+                "file as UTF-8"
+            ) from None
+        loaded = load_yaml(text, str(path))
+        if loaded is None:
+            loaded = {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of config keys at the top level")
         values.update(loaded)
@@ -173,8 +191,53 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
         if "=" not in item:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
-        values[key.strip().replace("-", "_")] = yaml.safe_load(value) if value.strip() else value
+        name = key.strip().replace("-", "_")
+        values[name] = load_yaml(value, f"--set {item}") if value.strip() else value
     return load_config(cls, values, source=str(path) if path else "command line")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe YAML loader that rejects a mapping key given twice (plain YAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key; the base class reports it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first given on line {first})",
+                    key_node.start_mark,
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> tuple[str, int | None]:
+    """One line describing a YAML error, and the 1-based line it points at."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    context = getattr(err, "context", None)
+    text = f"{context}: {problem}" if context and getattr(err, "problem", None) else problem
+    if "'\\t'" in text:
+        text += " (YAML indents with spaces; replace the tab)"
+    return text, (mark.line + 1 if mark is not None else None)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse YAML safely; errors (syntax, tabs, duplicate keys) name ``source`` and the line."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as err:
+        problem, line = _yaml_problem(err)
+        where = f"{source}, line {line}" if line is not None else source
+        raise ValueError(f"{where}: invalid YAML: {problem}") from None
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -491,15 +491,31 @@ def run(args: argparse.Namespace) -> int:
     from pmrlhf.models import load_causal_lm, load_tokenizer
     from pmrlhf.optim import compute_dtype
     from pmrlhf.rl.rewards import load_reward
+    from pmrlhf.score import check_output_file
 
+    # every option is checked before any model is loaded
+    if args.samples < 2:
+        raise ValueError(
+            f"--samples must be at least 2 (PMD compares pairs of samples), got {args.samples}"
+        )
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.max_prompts is not None and args.max_prompts < 1:
+        raise ValueError(f"--max-prompts must be at least 1, got {args.max_prompts}")
+    if args.out is not None:
+        check_output_file(args.out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype("auto", device)
-    tokenizer = load_tokenizer(args.policy)
-    policy = load_causal_lm(args.policy, dtype=dtype, device=device)
-    ref = load_causal_lm(args.ref, dtype=dtype, device=device) if args.ref else None
+    tokenizer = load_tokenizer(args.policy, option_name="--policy")
+    policy = load_causal_lm(args.policy, dtype=dtype, device=device, option_name="--policy")
+    ref = (
+        load_causal_lm(args.ref, dtype=dtype, device=device, option_name="--ref")
+        if args.ref
+        else None
+    )
     reward_fn = load_reward(args.reward, device, dtype)
     prompts = [r.prompt for r in load_prompts(args.prompts, tokenizer)]
-    if args.max_prompts:
+    if args.max_prompts is not None:
         prompts = prompts[: args.max_prompts]
     world = None
     if args.world is not None:

@@ -26,6 +26,8 @@ import torch
 
 __all__ = [
     "add_arguments",
+    "check_output_file",
+    "empty_responses",
     "encode_reward_inputs",
     "reward_forward",
     "reward_input_text",
@@ -64,6 +66,49 @@ def encode_reward_inputs(
     if max_length is not None:
         ids = [x[:max_length] for x in ids]
     return ids
+
+
+def empty_responses(
+    tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], max_length: int
+) -> list[int]:
+    """Indices of the pairs whose response has no token left after the cut to ``max_length``.
+
+    A response is cut away when the tokens it shares with its prompt-only encoding (the prompt,
+    and BOS) already fill ``max_length``; the reward of such a pair sees only the prompt.
+    """
+    from pmrlhf.data.text import encode_texts
+
+    full = encode_reward_inputs(tokenizer, prompts, responses)
+    alone = encode_texts(tokenizer, list(prompts))
+    out = []
+    for i, (ids, prompt_ids) in enumerate(zip(full, alone)):
+        shared = 0
+        for a, b in zip(ids, prompt_ids):
+            if a != b:
+                break
+            shared += 1
+        if len(ids) > max_length and shared >= max_length:
+            out.append(i)
+    return out
+
+
+def check_output_file(path: str | Path, option_name: str = "--out") -> Path:
+    """Fail early, before any work, when ``path`` cannot be written as a file.
+
+    A folder at ``path``, or a file where one of its parent folders should be, raises
+    ValueError naming ``option_name``.
+    """
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise ValueError(f"{option_name} {str(path)!r} is a folder; give a file path")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(
+                    f"{option_name} {str(path)!r}: {str(parent)!r} is a file, not a folder"
+                )
+            break
+    return out
 
 
 def reward_pad_id(model: Any, tokenizer: Any) -> int:
@@ -167,21 +212,52 @@ def score_file(
     device: str = "auto",
     dtype: str = "auto",
 ) -> int:
-    """Score every row of ``data`` and write one JSON line per row to ``out``; returns rows."""
+    """Score every row of ``data`` and write one JSON line per row to ``out``; returns rows.
+
+    Every option is checked before anything is loaded. Non-finite rewards raise ValueError
+    naming the row and nothing is written; responses cut away entirely by ``max_length`` are
+    reported with a warning.
+    """
+    import warnings
+
     from pmrlhf.data import load_scoring_records
     from pmrlhf.lora import load_scoring_model
-    from pmrlhf.models import load_tokenizer
+    from pmrlhf.models import check_device, load_tokenizer, resolve_model_location
     from pmrlhf.optim import compute_dtype
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = load_tokenizer(model_path)
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"--max-length must be at least 1 token, got {max_length}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    out = check_output_file(out)
+    device = check_device(device)
+    resolve_model_location(model_path, "--model")
+    tokenizer = load_tokenizer(model_path, option_name="--model")
     records = load_scoring_records(data, tokenizer, split=split)
     model = load_scoring_model(model_path, dtype=compute_dtype(dtype, device), device=device)
     prompts = [r.prompt for r in records for _ in r.responses]
     responses = [resp for r in records for resp in r.responses]
-    rewards = score_texts(model, tokenizer, prompts, responses, batch_size, max_length).tolist()
-    out = Path(out)
+    owner = [(where, j) for r, where in zip(records, records.locations) for j in range(r.k)]
+    if max_length is not None:
+        cut = empty_responses(tokenizer, prompts, responses, max_length)
+        if cut:
+            where, j = owner[cut[0]]
+            warnings.warn(
+                f"{len(cut)} of {len(responses)} responses have no tokens left after the cut "
+                f"to --max-length {max_length} (the first: {where}, response {j}); their "
+                "rewards see only the prompt",
+                UserWarning,
+                stacklevel=2,
+            )
+    scores = score_texts(model, tokenizer, prompts, responses, batch_size, max_length)
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        where, j = owner[bad[0]]
+        raise ValueError(
+            f"--model {model_path}: {len(bad)} of {len(responses)} rewards are not finite (the "
+            f"first, {scores[bad[0]].item()}, for {where}, response {j}); nothing was written"
+        )
+    rewards = scores.tolist()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     position = 0

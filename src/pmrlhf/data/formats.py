@@ -336,7 +336,7 @@ def parse_ranking(
         _reply(value, f"responses[{i}]", where, renderer, context) for i, value in enumerate(raw)
     ]
     if _present(row, "scores"):
-        responses = _sort_by_scores(responses, row["scores"], where)
+        responses = _sort_by_scores(responses, row["scores"], where, strict)
     if strict:
         if len(responses) < 2:
             raise _fail(
@@ -355,7 +355,8 @@ def parse_ranking(
     return RankingRecord(prompt, tuple(responses))
 
 
-def _sort_by_scores(responses: list[str], scores: Any, where: str) -> list[str]:
+def _sort_by_scores(responses: list[str], scores: Any, where: str, strict: bool) -> list[str]:
+    """Responses sorted by score, highest first; ``strict`` (training) rejects tied scores."""
     if not isinstance(scores, list) or len(scores) != len(responses):
         got = len(scores) if isinstance(scores, list) else type(scores).__name__
         raise _fail(where, "scores", f"must be a list of {len(responses)} numbers, got {got}")
@@ -366,7 +367,20 @@ def _sort_by_scores(responses: list[str], scores: Any, where: str) -> list[str]:
             or not math.isfinite(score)
         ):
             raise _fail(where, f"scores[{i}]", f"must be a finite number, got {score!r}")
-    # stable: tied scores keep the order in which the responses are listed
+    if strict:
+        # A ranking is a strict order: a tie has no Plackett-Luce meaning, and keeping the
+        # listed order would invent a preference the data does not state.
+        first: dict[float, int] = {}
+        for i, score in enumerate(scores):
+            if float(score) in first:
+                raise _fail(
+                    where,
+                    "scores",
+                    f"scores[{first[float(score)]}] and scores[{i}] are tied at {score}; a "
+                    "ranking needs distinct scores (break or drop ties before training)",
+                )
+            first[float(score)] = i
+    # stable: where ties are allowed (scoring, SFT's best response) the listed order is kept
     order = sorted(range(len(responses)), key=lambda i: -scores[i])
     return [responses[i] for i in order]
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pmrlhf.data.formats import (
+    DataError,
     PairRecord,
     PromptRecord,
     RankingRecord,
@@ -31,6 +32,7 @@ from pmrlhf.data.text import ChatRenderer, encode_texts
 __all__ = [
     "DEFAULT_MAX_PROMPT_TOKENS",
     "RecordSet",
+    "check_token_duplicates",
     "drop_long_prompts",
     "load_pairs",
     "load_prompts",
@@ -88,15 +90,54 @@ def read_records(
     """
     table = read_table(source, split)
     indices = subset_indices(len(table), subset, fractions, seed)
-    rows = table.dataset.select(indices) if subset != "all" else table.dataset
+    rows = table.row_values(indices if subset != "all" else None)
     where = [table.where(i) for i in indices]
-    records = parse_rows(list(rows), where, kind, ChatRenderer(tokenizer))
+    records = parse_rows(rows, where, kind, ChatRenderer(tokenizer))
+    if tokenizer is not None and kind in ("pair", "ranking"):
+        check_token_duplicates(records, where, tokenizer)
     result: RecordSet[Any] = RecordSet(records, table.source, rows=len(records), locations=where)
     if tokenizer is not None and max_prompt_tokens is not None:
         result = drop_long_prompts(result, tokenizer, max_prompt_tokens)
     if not result.records:
         raise ValueError(f"{table.source}: no rows to use (subset {subset!r} is empty)")
     return result
+
+
+def check_token_duplicates(records: Sequence[Any], where: Sequence[str], tokenizer: Any) -> None:
+    """Reject a pair or ranking two of whose responses tokenize to the same ids.
+
+    Different strings can be the same token sequence (whitespace a tokenizer drops, words it
+    maps to one unknown token); a model cannot prefer one of them over the other, so such
+    responses count as duplicates. Raises DataError naming the row and the two items.
+    """
+    texts: list[str] = []
+    for record in records:
+        texts.extend(_responses(record))
+    ids = encode_texts(tokenizer, texts, add_special_prefix=False)
+    position = 0
+    for record, location in zip(records, where):
+        responses = _responses(record)
+        seen: dict[tuple[int, ...], int] = {}
+        for i in range(len(responses)):
+            key = tuple(ids[position + i])
+            if key in seen:
+                j = seen[key]
+                if isinstance(record, PairRecord):
+                    field, problem = "rejected", "tokenizes to the same tokens as 'chosen'"
+                else:
+                    field, problem = "responses", f"items {j} and {i} tokenize to the same tokens"
+                raise DataError(
+                    f"{location}, field {field!r}: {problem} ({len(key)} tokens: "
+                    f"{responses[j]!r} and {responses[i]!r}); the model cannot tell them apart"
+                )
+            seen[key] = i
+        position += len(responses)
+
+
+def _responses(record: Any) -> tuple[str, ...]:
+    if isinstance(record, PairRecord):
+        return (record.chosen, record.rejected)
+    return record.responses
 
 
 def drop_long_prompts(records: RecordSet[R], tokenizer: Any, max_tokens: int) -> RecordSet[R]:

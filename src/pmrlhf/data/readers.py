@@ -1,9 +1,12 @@
 """Reading raw rows from local files or the Hugging Face Hub, through ``datasets``.
 
 Local ``.jsonl``, ``.json``, ``.parquet`` and ``.csv`` files load with the matching ``datasets``
-builder; anything else that is not an existing path is taken as a hub dataset name. JSON files
-are first read line by line here, so a malformed line fails with its file and line number
-instead of an Arrow parse error with neither.
+builder; anything else that is not an existing path is taken as a hub dataset name. JSON and CSV
+files are first read here (UTF-8, with or without a byte-order mark), so a malformed line, a
+byte that is not UTF-8 or a CSV row with the wrong number of fields fails with its file and line
+number instead of an Arrow or pandas error with neither. The rows read here are also the ones
+that get validated, exactly as the file has them: no type guessing (CSV cells stay text, and a
+column that mixes numbers and strings is not coerced to one of them).
 
 Every table remembers where its rows came from, so later validation errors can say
 "``data.jsonl, line 7``" (jsonl: the 1-based line of the file) or "``data.csv, row 3``".
@@ -11,6 +14,8 @@ Every table remembers where its rows came from, so later validation errors can s
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -38,16 +43,26 @@ class Table:
     """Raw rows plus where each came from.
 
     ``lines`` holds, for JSON Lines files read whole, the 1-based file line of each row (blank
-    lines are skipped, so row ``i`` is not always line ``i + 1``).
+    lines are skipped, so row ``i`` is not always line ``i + 1``). ``rows`` holds, for local JSON
+    and CSV files read whole, each row exactly as the file has it (what validation reads);
+    otherwise rows come from ``dataset``.
     """
 
     dataset: datasets.Dataset
     source: str
     unit: str = "row"
     lines: list[int] | None = None
+    rows: list[dict[str, Any]] | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def row_values(self, indices: list[int] | None = None) -> list[dict[str, Any]]:
+        """The rows at ``indices`` (default: all), as plain dicts."""
+        if self.rows is not None:
+            return self.rows if indices is None else [self.rows[i] for i in indices]
+        data = self.dataset if indices is None else self.dataset.select(indices)
+        return list(data)
 
     def where(self, index: int) -> str:
         """A human-readable location of row ``index`` (0-based), e.g. ``data.jsonl, line 7``."""
@@ -81,59 +96,94 @@ def read_table(source: str | os.PathLike, split: str | None = None) -> Table:
             f"{text}: unsupported data file type {suffix or '(no suffix)'!r}; "
             f"use one of {', '.join(LOCAL_FORMATS)} or a Hugging Face dataset name"
         )
+    if _looks_local(text):
+        # a local path that does not exist is never looked up on the Hub
+        raise FileNotFoundError(f"data file or folder not found: {text}")
     return _read_hub(text, split)
+
+
+def _looks_local(text: str) -> bool:
+    """A name that can only be a path: ``./x``, ``/x``, ``~/x``, ``a/b/c``, ``x/``, ``a\\b``.
+
+    Hub datasets are ``name`` or ``owner/name``, the same rule as for models
+    (:func:`pmrlhf.models.resolve_model_location`).
+    """
+    return (
+        text.startswith((".", "/", "~"))
+        or "\\" in text
+        or text.count("/") > 1
+        or text.endswith("/")
+    )
 
 
 # --------------------------------------------------------------------------- local files
 def _read_file(path: Path, builder: str, split: str | None) -> Table:
     lines: list[int] | None = None
+    rows: list[dict[str, Any]] | None = None
     unit = "row"
     if builder == "json":
-        lines = _check_json_file(path)
+        rows, lines = _read_json_file(path)
         unit = "record" if lines is None else "row"  # a JSON array holds records
+    elif builder == "csv":
+        rows = _read_csv_file(path)
     dataset = _load(builder, data_files=str(path), split=split or "train", what=str(path))
-    if lines is not None and (split not in (None, "train") or len(lines) != len(dataset)):
-        # a sliced split ("train[10:20]") no longer lines up with the file's lines
-        lines = None
-    return Table(dataset, str(path), unit=unit, lines=lines)
+    if split not in (None, "train") or (rows is not None and len(rows) != len(dataset)):
+        # a sliced split ("train[10:20]") no longer lines up with the file's rows
+        lines, rows = None, None
+    return Table(dataset, str(path), unit=unit, lines=lines, rows=rows)
 
 
-def _check_json_file(path: Path) -> list[int] | None:
-    """Parse a JSON or JSON Lines file; return the line of each row (None for a JSON array)."""
-    with path.open(encoding="utf-8") as f:
-        head = f.read(4096).lstrip()
-    if head.startswith("["):
-        _check_json_array(path)
-        return None
+def _read_text(path: Path) -> str:
+    """The file as UTF-8 text (a leading byte-order mark is dropped); errors name the line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ValueError(
+            f"{path}, line {line}: not UTF-8 text (byte 0x{raw[err.start]:02x} at column "
+            f"{column}); save the file as UTF-8"
+        ) from None
+
+
+def _read_json_file(path: Path) -> tuple[list[dict[str, Any]], list[int] | None]:
+    """Rows of a JSON or JSON Lines file, and the line of each row (None for a JSON array)."""
+    text = _read_text(path)
+    if text.lstrip().startswith("["):
+        return _read_json_array(path, text), None
+    rows: list[dict[str, Any]] = []
     line_numbers: list[int] = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line.rstrip("\r\n"))
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"{path}, line {number}: malformed JSON ({err.msg} at column {err.colno}); "
-                    "each line of a JSON Lines file must be one JSON object"
-                ) from None
-            if not isinstance(value, dict):
-                raise ValueError(
-                    f"{path}, line {number}: expected a JSON object, got {type(value).__name__}"
-                )
-            line_numbers.append(number)
+    for number, line in enumerate(io.StringIO(text, newline=None), start=1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line.rstrip("\r\n"))
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"{path}, line {number}: malformed JSON ({err.msg} at column {err.colno}); "
+                "each line of a JSON Lines file must be one JSON object"
+            ) from None
+        if not isinstance(value, dict):
+            raise ValueError(
+                f"{path}, line {number}: expected a JSON object, got {type(value).__name__}"
+            )
+        rows.append(value)
+        line_numbers.append(number)
     if not line_numbers:
         raise ValueError(f"{path}: the file has no rows")
-    return line_numbers
+    return rows, line_numbers
 
 
-def _check_json_array(path: Path) -> None:
+def _read_json_array(path: Path, text: str) -> list[dict[str, Any]]:
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(
             f"{path}, line {err.lineno}: malformed JSON ({err.msg} at column {err.colno})"
         ) from None
+    if not isinstance(value, list):
+        raise ValueError(f"{path}: expected a JSON array of objects, got {type(value).__name__}")
     for number, item in enumerate(value, start=1):
         if not isinstance(item, dict):
             raise ValueError(
@@ -141,6 +191,44 @@ def _check_json_array(path: Path) -> None:
             )
     if not value:
         raise ValueError(f"{path}: the file has no rows")
+    return value
+
+
+def _read_csv_file(path: Path) -> list[dict[str, Any]]:
+    """Rows of a CSV file with a header line, every cell as text; errors name the line."""
+    reader = csv.reader(io.StringIO(_read_text(path), newline=""), strict=True)
+    header: list[str] | None = None
+    rows: list[dict[str, Any]] = []
+    try:
+        for cells in reader:
+            if not cells:
+                continue  # a blank line
+            if header is None:
+                header = [name.strip() for name in cells]
+                seen: set[str] = set()
+                for name in header:
+                    if not name:
+                        raise ValueError(
+                            f"{path}, line {reader.line_num}: the header has an empty column name"
+                        )
+                    if name in seen:
+                        raise ValueError(
+                            f"{path}, line {reader.line_num}: column {name!r} appears twice in "
+                            "the header"
+                        )
+                    seen.add(name)
+                continue
+            if len(cells) != len(header):
+                raise ValueError(
+                    f"{path}, line {reader.line_num}: expected {len(header)} fields "
+                    f"({', '.join(header)}), got {len(cells)}"
+                )
+            rows.append(dict(zip(header, cells)))
+    except csv.Error as err:
+        raise ValueError(f"{path}, line {reader.line_num}: malformed CSV ({err})") from None
+    if not rows:
+        raise ValueError(f"{path}: the file has no rows (a header line, then one line per row)")
+    return rows
 
 
 def _read_directory(path: Path, split: str | None) -> Table:
