@@ -46,7 +46,7 @@ def make_trainer(
     from accelerate import Accelerator
 
     values = dict(
-        policy=str(policy), reward=REWARD_SPEC, steps=2, prompts_per_step=2, samples_per_prompt=4,
+        policy=str(policy), reward=REWARD_SPEC, max_steps=2, prompts_per_step=2, samples_per_prompt=4,
         max_new_tokens=8, lr=1e-2, beta=0.1, alpha=0.2, dtype="bf16", output_dir=str(out),
         quiet=True,
     )  # fmt: skip

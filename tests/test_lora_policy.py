@@ -79,7 +79,7 @@ def test_every_algorithm_trains_a_lora_adapter_policy(
     reward = str(reward_adapter) if critic_init == "reward" else REWARD_SPEC
     config = RLConfig(
         policy=str(policy_adapter), reward=reward, algo=algo, regularizer="kl",
-        critic_init=critic_init or "auto", steps=2, prompts_per_step=2, samples_per_prompt=2,
+        critic_init=critic_init or "auto", max_steps=2, prompts_per_step=2, samples_per_prompt=2,
         max_new_tokens=4, lr=5e-2, critic_lr=5e-2, beta=0.1, output_dir=str(tmp_path),
         quiet=True,
     )  # fmt: skip

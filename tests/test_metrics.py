@@ -1,4 +1,4 @@
-"""PMD (spec §6) and the distribution-matching metrics for enumerable response sets."""
+"""PMD (docs/method.md §6) and the distribution-matching metrics for enumerable response sets."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-token penalties of spec §4: values, thresholds, masking, dtypes and errors."""
+"""Per-token penalties of docs/method.md §4: values, thresholds, masking, dtypes and errors."""
 
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def test_masked_non_finite_values_do_not_poison_gradients():
 
 
 def test_cpm_decomposes_into_kl_plus_reference_bonus():
-    # −β Σ p_t(cPM) = −β Σ (log π − log π_ref) − β Σ_{meaningful} log π_ref (spec §4).
+    # −β Σ p_t(cPM) = −β Σ (log π − log π_ref) − β Σ_{meaningful} log π_ref (docs/method.md §4).
     gen = torch.Generator().manual_seed(0)
     logp = torch.log(torch.rand(3, 7, generator=gen, dtype=torch.float64))
     ref_logp = torch.log(torch.rand(3, 7, generator=gen, dtype=torch.float64))

@@ -295,7 +295,7 @@ def test_rl_with_allowed_tokens_and_responses_of_different_lengths_stays_finite(
     allowed = [*tokenizer.convert_tokens_to_ids(["tea", "coffee", "water"]), EOS]
     config = RLConfig(
         policy=str(tiny_model_dir), reward=f"{Path(__file__).parent / 'scripts' / 'reward_fns.py'}:likes_tea",
-        algo=algo, regularizer="kl", steps=2, prompts_per_step=2, samples_per_prompt=4,
+        algo=algo, regularizer="kl", max_steps=2, prompts_per_step=2, samples_per_prompt=4,
         max_new_tokens=6, lr=1e-2, beta=0.1, output_dir=str(tmp_path), quiet=True,
     )  # fmt: skip
 

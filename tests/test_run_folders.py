@@ -1,8 +1,7 @@
 """RL runs and their output folders: guard, lock, crash recovery on resume, metrics without repeats.
 
 These check the trainer's use of the :mod:`pmrlhf.runtime` helpers (``claim_output_dir``,
-``recover_directory``, ``JsonlLogger(resume_step=...)``). They are strict ``xfail`` until the
-trainer calls them; an unexpected pass then fails, and the marker is removed with the wiring.
+``recover_directory``, ``JsonlLogger(resume_step=...)``).
 """
 
 from __future__ import annotations
@@ -19,21 +18,13 @@ from pmrlhf.rl.config import RLConfig
 from pmrlhf.rl.trainer import RLTrainer
 from pmrlhf.runtime import OutputDirError, claim_output_dir, read_jsonl
 
-# Only the failures of a trainer that does not call the helpers yet count as expected; any other
-# error (a renamed field, a crash) fails as usual.
-pytestmark = pytest.mark.xfail(
-    strict=True,
-    reason="wired by the trainers (docs/reliability.md)",
-    raises=(AssertionError, pytest.fail.Exception, FileNotFoundError),
-)
-
 REWARD_SPEC = f"{Path(__file__).parent / 'scripts' / 'reward_fns.py'}:likes_tea"
 PROMPTS = ["Which drink do you prefer ?"]
 
 
 def make_config(policy: Path, out: Path, **overrides) -> RLConfig:
     values = dict(
-        policy=str(policy), reward=REWARD_SPEC, algo="rloo", regularizer="kl", steps=2,
+        policy=str(policy), reward=REWARD_SPEC, algo="rloo", regularizer="kl", max_steps=2,
         prompts_per_step=2, samples_per_prompt=2, max_new_tokens=4, lr=1e-2,
         output_dir=str(out), quiet=True,
     )  # fmt: skip
@@ -82,7 +73,7 @@ def test_a_run_into_a_folder_another_run_holds_is_refused(tiny_model_dir, tmp_pa
 def test_resume_recovers_a_checkpoint_whose_commit_crashed_between_the_renames(
     tiny_model_dir, tmp_path, monkeypatch
 ):
-    config = make_config(tiny_model_dir, tmp_path, steps=3, save_every=1)
+    config = make_config(tiny_model_dir, tmp_path, max_steps=3, save_every=1)
     real_rename = os.rename
     commits = []
 
@@ -100,7 +91,7 @@ def test_resume_recovers_a_checkpoint_whose_commit_crashed_between_the_renames(
     checkpoint = tmp_path / "checkpoint"
     assert not checkpoint.exists()
     resumed = RLTrainer(
-        make_config(tiny_model_dir, tmp_path, steps=3, save_every=1), prompts=PROMPTS
+        make_config(tiny_model_dir, tmp_path, max_steps=3, save_every=1), prompts=PROMPTS
     )
     resumed.train(resume=checkpoint)
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 3
@@ -121,12 +112,12 @@ class _CrashAtStep:
 
 
 def test_steps_logged_after_the_last_checkpoint_appear_once_after_resume(tiny_model_dir, tmp_path):
-    config = make_config(tiny_model_dir, tmp_path, steps=5, save_every=2)
+    config = make_config(tiny_model_dir, tmp_path, max_steps=5, save_every=2)
     with pytest.raises(_Crash):
         RLTrainer(config, reward_fn=_CrashAtStep(4), prompts=PROMPTS).train()
     # steps 1-3 were logged; the checkpoint holds step 2
     assert [row["step"] for row in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
-    resumed = RLTrainer(make_config(tiny_model_dir, tmp_path, steps=5, save_every=2),
+    resumed = RLTrainer(make_config(tiny_model_dir, tmp_path, max_steps=5, save_every=2),
                         reward_fn=_CrashAtStep(0), prompts=PROMPTS)  # fmt: skip
     resumed.train(resume=tmp_path / "checkpoint")
     assert [row["step"] for row in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5]

@@ -174,7 +174,7 @@ def test_rl_resumes_from_a_checkpoint_whose_commit_crashed_between_the_renames(
         return RLConfig(
             policy=str(tiny_model_dir),
             reward=f"{Path(__file__).parent / 'scripts' / 'reward_fns.py'}:likes_tea",
-            algo="rloo", regularizer="kl", steps=3, save_every=1, prompts_per_step=2,
+            algo="rloo", regularizer="kl", max_steps=3, save_every=1, prompts_per_step=2,
             samples_per_prompt=2, max_new_tokens=4, lr=1e-2, output_dir=str(out), quiet=True,
         )  # fmt: skip
 

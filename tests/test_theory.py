@@ -1,4 +1,4 @@
-"""Closed forms of spec §1–§4 against direct numerical maximisation and exact enumeration."""
+"""Closed forms of docs/method.md §1–§4 against direct numerical maximisation and exact enumeration."""
 
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ def test_cpm_limits_are_pm_and_kl():
 @SETTINGS
 @given(reward=rewards(), beta=floats(0.1, 3.0), weights=st.lists(floats(0.01, 1.0), min_size=6))
 def test_pm_objective_is_reverse_kl_projection(reward, beta, weights):
-    # J_PM(π) = β log Z − β KL(π ‖ softmax(r/β)) for every π (spec §3).
+    # J_PM(π) = β log Z − β KL(π ‖ softmax(r/β)) for every π (docs/method.md §3).
     n = reward.numel()
     w = torch.tensor(weights[:n], dtype=F64)
     probs = w / w.sum()
@@ -211,7 +211,7 @@ def test_optimal_values_with_responses_the_reference_rules_out():
 
 
 def test_kl_optimum_implied_preference_formula():
-    # π*(1)/(π*(1)+π*(2)) = σ((r1 − r2)/β + log(π_ref1/π_ref2)) (spec §2).
+    # π*(1)/(π*(1)+π*(2)) = σ((r1 − r2)/β + log(π_ref1/π_ref2)) (docs/method.md §2).
     reward = torch.tensor([0.3, -0.4, 1.1], dtype=F64)
     ref = torch.tensor([0.6, 0.3, 0.1], dtype=F64)
     beta = 0.25

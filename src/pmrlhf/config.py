@@ -18,6 +18,7 @@ import yaml
 
 __all__ = [
     "add_config_arguments",
+    "add_resume_arguments",
     "config_from_args",
     "load_config",
     "load_yaml",
@@ -137,6 +138,23 @@ def add_config_arguments(
             # argparse %-formats help strings, so a literal % must be escaped.
             help=f"{field.metadata.get('help', '')} (default: {default})".replace("%", "%%"),
         )
+
+
+def add_resume_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--resume DIR`` and ``--allow-config-change``, the same for every training command."""
+    parser.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="continue exactly from a checkpoint folder (output_dir/checkpoint) of a run with "
+        "the same settings",
+    )
+    parser.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: accept settings that differ from the checkpoint's (each changed "
+        "field is named in a warning); without it such a resume is refused",
+    )
 
 
 def load_config(cls: type[T], values: dict[str, Any], source: str = "config") -> T:

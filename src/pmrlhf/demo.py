@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,11 @@ class DemoConfig:
         list(METHODS), help="comma-separated methods to run (sft,kl,pm,cpm)"
     )
     threads: int = option(1, help="torch CPU threads (tiny models run fastest on one)")
+    device: str = option(
+        "auto",
+        help="where every stage runs: auto (CUDA when a GPU is visible, else the CPU), cpu or "
+        "cuda; all stages compute in fp32, so the numbers do not depend on a GPU's bf16",
+    )
     quiet: bool = option(False, help="no progress bars")
 
 
@@ -87,11 +93,15 @@ def _log(message: str, quiet: bool) -> None:
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
     from pmrlhf.evaluate import alpha_evidence, evaluate_policy
-    from pmrlhf.models import build_tiny_model, load_causal_lm, load_tokenizer
+    from pmrlhf.models import build_tiny_model, check_device, load_causal_lm, load_tokenizer
     from pmrlhf.rl.rewards import ModelReward
     from pmrlhf.runtime import read_jsonl, set_seed
     from pmrlhf.world import default_world
 
+    device = torch.device(check_device(config.device))
+    if device.type == "cpu":
+        # the training stages place themselves through accelerate, which otherwise takes a GPU
+        os.environ["ACCELERATE_USE_CPU"] = "true"
     for method in config.methods:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
@@ -132,10 +142,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         config.quiet,
     )
 
-    device = torch.device("cpu")
     reward_fn = ModelReward(str(rm_dir), device, torch.float32, batch_size=256)
     tokenizer = load_tokenizer(str(sft_dir))
-    ref = load_causal_lm(str(sft_dir)).eval()
+    ref = load_causal_lm(str(sft_dir), device=device).eval()
     eval_prompts = world.eval_prompts()
     alpha_check = alpha_evidence(
         ref, tokenizer, world, world.train_prompts(), config.cpm_alpha, config.max_new_tokens
@@ -156,7 +165,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     for method, path in policies.items():
         if method not in config.methods:
             continue
-        policy = load_causal_lm(str(path)).eval()
+        policy = load_causal_lm(str(path), device=device).eval()
         results[method] = evaluate_policy(
             policy,
             tokenizer,
@@ -175,9 +184,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
 
 def _stage_settings(config: DemoConfig, out: Path) -> dict[str, Any]:
-    """Settings the demo's SFT and reward-model stages share: small batches, silent, fp32."""
+    """Settings the demo's SFT and reward-model stages share: small batches, silent, fp32; the
+    demo owns its output folder, so a rerun replaces the stage's earlier run."""
     return dict(output_dir=str(out), batch_size=32, max_length=64, seed=config.seed,
-                eval_before=False, quiet=True, dtype="fp32")  # fmt: skip
+                eval_before=False, quiet=True, dtype="fp32", overwrite=True)  # fmt: skip
 
 
 def _train_sft(config: DemoConfig, base: Path, data: Path, out: Path) -> Path:
@@ -237,6 +247,7 @@ def _train_rl(
         lr_schedule="linear",
         seed=config.seed,
         output_dir=str(out),
+        overwrite=True,
         quiet=config.quiet,
         dtype="fp32",
     )

@@ -1,7 +1,7 @@
 """Evaluate a policy: PMD (the paper's metric), reward, KL to a reference, entropy, diversity.
 
 For each prompt, N responses are sampled from the policy. Consecutive samples form the
-independent pairs of the PMD protocol (spec §6):
+independent pairs of the PMD protocol (docs/method.md §6):
 
     PMD = mean [(r(y1) − r(y2)) − (log π(y1) − log π(y2))]²
 

@@ -1,4 +1,4 @@
-"""Evaluation metrics: the paper's PMD (spec §6) and distribution-matching measures.
+"""Evaluation metrics: the paper's PMD (docs/method.md §6) and distribution-matching measures.
 
 Distributions are tensors whose last dimension indexes the responses; functions batch over
 leading dimensions.

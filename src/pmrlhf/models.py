@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -70,7 +71,7 @@ def tiny_llama_config(
     """A LlamaConfig small enough to train on a laptop CPU in seconds."""
     from transformers import LlamaConfig
 
-    values = dict(
+    values: dict[str, Any] = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,

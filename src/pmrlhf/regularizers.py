@@ -1,4 +1,4 @@
-"""Per-token regularisation penalties ``p_t`` for KL-RLHF, PM and conditional PM (spec §4).
+"""Per-token regularisation penalties ``p_t`` for KL-RLHF, PM and conditional PM (docs/method.md §4).
 
 The shaped per-token reward is ``−β · p_t``, with the sequence reward added at the last response
 token. All functions take (..., T) tensors of log-probabilities for the sampled tokens and a mask

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pmrlhf.config import add_config_arguments, config_from_args, option
+from pmrlhf.config import add_config_arguments, add_resume_arguments, config_from_args, option
 from pmrlhf.data.formats import RankingRecord
 from pmrlhf.theory import btl_log_likelihood, pl_log_likelihood
 from pmrlhf.training import TrainConfig
@@ -269,11 +269,14 @@ def evaluate_reward_model(
 
 
 # --------------------------------------------------------------------------- training
-def train_reward_model(config: RMConfig, resume: str | Path | None = None) -> dict[str, Any]:
+def train_reward_model(
+    config: RMConfig, resume: str | Path | None = None, allow_config_change: bool = False
+) -> dict[str, Any]:
     """Train a scalar reward model on ``config.data``; returns the run's result dict.
 
     ``resume``: a checkpoint folder (``output_dir/checkpoint``) of an interrupted run with the
-    same settings; training continues from it exactly.
+    same settings; training continues from it exactly (``allow_config_change`` accepts
+    changed settings, with a warning naming them).
 
     Keys: ``model_dir`` (load it with :func:`pmrlhf.lora.load_scoring_model`, or
     :func:`pmrlhf.models.load_reward_model` when LoRA is off or merged), ``eval`` and
@@ -297,7 +300,9 @@ def train_reward_model(config: RMConfig, resume: str | Path | None = None) -> di
     )
 
     check_config(config)
-    checkpoint = read_checkpoint(resume, config, "rm") if resume is not None else None
+    checkpoint = (
+        read_checkpoint(resume, config, "rm", allow_config_change) if resume is not None else None
+    )
     set_seed(config.seed)
     accelerator = make_accelerator(config)
     model_path = resolve_model_path(config.model)
@@ -370,15 +375,14 @@ def _summary(result: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--resume",
-        type=Path,
-        help="continue exactly from a checkpoint folder (output_dir/checkpoint) of a run with "
-        "the same settings",
-    )
+    add_resume_arguments(parser)
     add_config_arguments(parser, RMConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    train_reward_model(config_from_args(RMConfig, args), resume=args.resume)
+    train_reward_model(
+        config_from_args(RMConfig, args),
+        resume=args.resume,
+        allow_config_change=args.allow_config_change,
+    )
     return 0

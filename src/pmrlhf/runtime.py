@@ -48,6 +48,66 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ------------------------------------------------------------------ stopping and resuming
+
+
+class NonFiniteError(ValueError):
+    """Training met a non-finite reward, loss, gradient, weight or evaluation metric."""
+
+
+class ResumeSettingsWarning(UserWarning):
+    """A run resumed under settings that differ from its checkpoint's, on explicit request."""
+
+
+def check_resume_settings(
+    saved: dict[str, Any],
+    current: dict[str, Any],
+    *,
+    ignore: frozenset[str] | set[str],
+    where: str,
+    allow_changes: bool = False,
+) -> list[str]:
+    """Compare a checkpoint's settings with the resuming run's; return the changed ones.
+
+    An exact resume under other settings does not exist, so a change of any setting outside
+    ``ignore`` is refused with an error that names each field, unless ``allow_changes`` (the
+    commands' ``--allow-config-change``) turns it into a loud warning for a deliberate change.
+    """
+    changed = [
+        f"{name} {saved[name]!r} -> {value!r}"
+        for name, value in current.items()
+        if name not in ignore and name in saved and saved[name] != value
+    ]
+    if not changed:
+        return []
+    detail = "; ".join(changed)
+    if not allow_changes:
+        raise ValueError(
+            f"{where}: the checkpoint was trained with other settings ({detail}); an exact "
+            "resume needs the same ones (pass --allow-config-change to change them on purpose)"
+        )
+    import warnings
+
+    warnings.warn(
+        f"{where}: resuming with changed settings ({detail}); the run is no longer the "
+        "continuation of the one that wrote the checkpoint",
+        ResumeSettingsWarning,
+        stacklevel=2,
+    )
+    return changed
+
+
+def check_finite_weights(accelerator: Any, model: Any, what: str) -> None:
+    """Raise :class:`NonFiniteError` unless every weight of ``model`` is finite (all processes)."""
+    params = list(model.named_parameters())
+    finite = [torch.isfinite(p).all() for _, p in params]
+    bad = 0.0 if not finite or bool(torch.stack(finite).all()) else 1.0
+    if float(accelerator.reduce(torch.tensor(bad, device=accelerator.device), reduction="sum")):
+        names = [name for (name, _), ok in zip(params, finite, strict=True) if not bool(ok)]
+        where = f" ({names[0]})" if names else " (on another process)"
+        raise NonFiniteError(f"refusing to save {what}: its weights are not finite{where}")
+
+
 # ------------------------------------------------------------------ crash-safe folder commits
 #
 # A folder (a checkpoint, a saved model) is written into ``<final>.tmp``, flushed to disk, marked
@@ -318,6 +378,29 @@ def claim_output_dir(
     except BaseException:
         claim.release()
         raise
+    return claim
+
+
+def claim_output_dir_on_main(
+    accelerator: Any, path: str | os.PathLike, *, overwrite: bool, resume: bool, command: str
+) -> OutputDirClaim | None:
+    """:func:`claim_output_dir` on the main process, with its refusal raised on every process.
+
+    Returns the claim on the main process (release it when the run ends) and None elsewhere.
+    """
+    claim = None
+    refusal: list[str | None] = [None]
+    if accelerator.is_main_process:
+        try:
+            claim = claim_output_dir(path, overwrite=overwrite, resume=resume, command=command)
+        except OutputDirError as err:
+            refusal = [str(err)]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list(refusal)
+    if refusal[0] is not None:
+        raise OutputDirError(refusal[0])
     return claim
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from pmrlhf.config import add_config_arguments, config_from_args, option
+from pmrlhf.config import add_config_arguments, add_resume_arguments, config_from_args, option
 from pmrlhf.data.formats import SFTRecord
 from pmrlhf.training import TrainConfig
 
@@ -161,11 +161,14 @@ def evaluate_sft(
     return _evaluate(model, batches, lambda t: t, nullcontext)
 
 
-def train_sft(config: SFTConfig, resume: str | Path | None = None) -> dict[str, Any]:
+def train_sft(
+    config: SFTConfig, resume: str | Path | None = None, allow_config_change: bool = False
+) -> dict[str, Any]:
     """Fine-tune ``config.model`` on ``config.data``; returns the run's result dict.
 
     ``resume``: a checkpoint folder (``output_dir/checkpoint``) of an interrupted run with the
-    same settings; training continues from it exactly.
+    same settings; training continues from it exactly (``allow_config_change`` accepts
+    changed settings, with a warning naming them).
 
     Keys: ``model_dir`` (load it with :func:`pmrlhf.lora.load_policy_model`, or
     :func:`pmrlhf.models.load_causal_lm` when LoRA is off or merged), ``eval`` and
@@ -188,7 +191,9 @@ def train_sft(config: SFTConfig, resume: str | Path | None = None) -> dict[str, 
     )
 
     check_config(config)
-    checkpoint = read_checkpoint(resume, config, "sft") if resume is not None else None
+    checkpoint = (
+        read_checkpoint(resume, config, "sft", allow_config_change) if resume is not None else None
+    )
     set_seed(config.seed)
     accelerator = make_accelerator(config)
     model_path = resolve_model_path(config.model)
@@ -247,15 +252,14 @@ def _summary(result: dict[str, Any]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--resume",
-        type=Path,
-        help="continue exactly from a checkpoint folder (output_dir/checkpoint) of a run with "
-        "the same settings",
-    )
+    add_resume_arguments(parser)
     add_config_arguments(parser, SFTConfig)
 
 
 def run(args: argparse.Namespace) -> int:
-    train_sft(config_from_args(SFTConfig, args), resume=args.resume)
+    train_sft(
+        config_from_args(SFTConfig, args),
+        resume=args.resume,
+        allow_config_change=args.allow_config_change,
+    )
     return 0

@@ -1,7 +1,7 @@
 """Closed forms of preference models and of the optimal RLHF policies.
 
 Everything here is a pure function of tensors, batched over leading dimensions: the last
-dimension indexes the finite set of responses to one prompt. See spec §1–§4.
+dimension indexes the finite set of responses to one prompt. See docs/method.md §1–§4.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def pl_probability(ranked_scores: Tensor, mask: Tensor | None = None) -> Tensor:
 
 # --------------------------------------------------------------------------- optimal policies
 def kl_optimal_policy(reward: Tensor, ref_probs: Tensor, beta: float) -> Tensor:
-    """Optimum of J_KL: ``π* ∝ π_ref · exp(r/β)`` (spec §2)."""
+    """Optimum of J_KL: ``π* ∝ π_ref · exp(r/β)`` (docs/method.md §2)."""
     _check_beta(beta)
     if ref_probs.shape != reward.shape:
         raise ValueError(
@@ -88,13 +88,13 @@ def kl_optimal_policy(reward: Tensor, ref_probs: Tensor, beta: float) -> Tensor:
 
 
 def pm_optimal_policy(reward: Tensor, beta: float = 1.0) -> Tensor:
-    """Optimum of J_PM: ``π* = softmax(r/β)``; β = 1 is exact preference matching (spec §3)."""
+    """Optimum of J_PM: ``π* = softmax(r/β)``; β = 1 is exact preference matching (docs/method.md §3)."""
     _check_beta(beta)
     return torch.softmax(reward / beta, dim=-1)
 
 
 def _not_meaningful_log_ref(ref_token_probs: Tensor, token_mask: Tensor, alpha: float) -> Tensor:
-    """Σ over a response's real tokens with π_ref ≤ α of log π_ref (spec §4, strict > at α)."""
+    """Σ over a response's real tokens with π_ref ≤ α of log π_ref (docs/method.md §4, strict > at α)."""
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
     if token_mask.shape != ref_token_probs.shape:
@@ -112,7 +112,7 @@ def _not_meaningful_log_ref(ref_token_probs: Tensor, token_mask: Tensor, alpha: 
 def cpm_optimal_policy(
     reward: Tensor, ref_token_probs: Tensor, token_mask: Tensor, alpha: float, beta: float
 ) -> Tensor:
-    """Effective optimum of conditional PM for a finite response set (spec §4).
+    """Effective optimum of conditional PM for a finite response set (docs/method.md §4).
 
     ``π(y) ∝ exp(r_y/β) · Π_{t: π_ref(y_t|s_t) ≤ α} π_ref(y_t|s_t)``.
 
@@ -172,7 +172,7 @@ def cpm_effective_objective(
 ) -> Tensor:
     """Sequence-level conditional-PM objective for a finite response set.
 
-    The per-token penalties of spec §4 sum, over a response, to
+    The per-token penalties of docs/method.md §4 sum, over a response, to
     ``log π(y) − Σ_{t not meaningful} log π_ref(y_t|s_t)``, so
     ``J = Σ_y π_y (r_y − β log π_y + β Σ_{t not meaningful} log π_ref)``.
     """
@@ -183,7 +183,7 @@ def cpm_effective_objective(
 def regularized_objective(
     probs: Tensor, reward: Tensor, regularizer: Callable[[Tensor], Tensor]
 ) -> Tensor:
-    """``J_R(π) = Σ_y π_y (r_y + R(π_y))`` for a sequence-level regulariser R (spec §3)."""
+    """``J_R(π) = Σ_y π_y (r_y + R(π_y))`` for a sequence-level regulariser R (docs/method.md §3)."""
     return (probs * (reward + regularizer(probs))).sum(-1)
 
 

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import numbers
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -37,7 +38,17 @@ from pmrlhf.optim import (
     build_scheduler,
     mixed_precision,
 )
-from pmrlhf.runtime import JsonlLogger, atomic_directory, commit_directory, fresh_temp_directory
+from pmrlhf.runtime import (
+    JsonlLogger,
+    NonFiniteError,
+    atomic_directory,
+    check_finite_weights,
+    check_resume_settings,
+    claim_output_dir_on_main,
+    commit_directory,
+    fresh_temp_directory,
+    recover_directory,
+)
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -65,12 +76,8 @@ DATA_ORDER_FILE = "data_order.safetensors"
 # Settings that may differ between a run and its resumption: none of them moves the trajectory.
 RESUMABLE_CHANGES = frozenset(
     {"output_dir", "save_every", "eval_before", "eval_batch_size", "quiet", "merge_lora",
-     "calibration_bins"}
+     "calibration_bins", "overwrite"}
 )  # fmt: skip
-
-
-class NonFiniteError(ValueError):
-    """Training met a non-finite loss, gradient, weight or evaluation metric."""
 
 
 @dataclass(kw_only=True)
@@ -145,6 +152,11 @@ class TrainConfig(OptimConfig):
         "--resume continues exactly (0: never)",
     )
     eval_before: bool = option(True, help="also evaluate before training, to report the change")
+    overwrite: bool = option(
+        False,
+        help="replace the run already in output_dir (its checkpoint, metrics, model, eval.json); "
+        "without it a used output_dir is refused unless resuming",
+    )
     quiet: bool = option(False, help="no progress bar and no printed summary")
 
     def __post_init__(self) -> None:
@@ -328,17 +340,6 @@ def adapt_model(model: Any, config: TrainConfig, task: str, base: str | None = N
 
 
 # --------------------------------------------------------------------------- finiteness
-def check_finite_weights(accelerator: Any, model: Any, what: str) -> None:
-    """Raise :class:`NonFiniteError` unless every weight of ``model`` is finite (all processes)."""
-    params = list(model.named_parameters())
-    finite = [torch.isfinite(p).all() for _, p in params]
-    bad = 0.0 if not finite or bool(torch.stack(finite).all()) else 1.0
-    if float(accelerator.reduce(torch.tensor(bad, device=accelerator.device), reduction="sum")):
-        names = [name for (name, _), ok in zip(params, finite) if not bool(ok)]
-        where = f" ({names[0]})" if names else " (on another process)"
-        raise NonFiniteError(f"refusing to save {what}: its weights are not finite{where}")
-
-
 def _non_finite_entry(value: Any, key: str = "") -> str | None:
     """The key of the first non-finite number in a nested dict/list, or None."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -451,7 +452,9 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
-def read_checkpoint(directory: str | Path, config: TrainConfig, kind: str) -> Checkpoint:
+def read_checkpoint(
+    directory: str | Path, config: TrainConfig, kind: str, allow_changes: bool = False
+) -> Checkpoint:
     """Check that ``directory`` is a complete ``kind`` checkpoint of a run with these settings.
 
     Settings that move the trajectory (data, model, optimisation, seed, ...) must be the same:
@@ -462,6 +465,8 @@ def read_checkpoint(directory: str | Path, config: TrainConfig, kind: str) -> Ch
 
     path = Path(directory).expanduser()
     where = f"--resume {path}"
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        recover_directory(path)  # a save cut short between its renames
     if not path.exists():
         raise FileNotFoundError(f"{where}: checkpoint folder not found")
     if not path.is_dir():
@@ -486,17 +491,13 @@ def read_checkpoint(directory: str | Path, config: TrainConfig, kind: str) -> Ch
     for name in (DATA_ORDER_FILE, *(f"random_states_{i}.pkl" for i in range(processes))):
         if not (path / name).is_file():
             raise ValueError(f"{where}: incomplete checkpoint, {name} is missing")
-    saved, current = state.get("config", {}), to_dict(config)
-    changed = [
-        f"{name} {saved[name]!r} -> {value!r}"
-        for name, value in current.items()
-        if name not in RESUMABLE_CHANGES and name in saved and saved[name] != value
-    ]
-    if changed:
-        raise ValueError(
-            f"{where}: the checkpoint was trained with other settings ({'; '.join(changed)}); "
-            "an exact resume needs the same ones (start a new run to change them)"
-        )
+    check_resume_settings(
+        state.get("config", {}),
+        to_dict(config),
+        ignore=RESUMABLE_CHANGES,
+        where=where,
+        allow_changes=allow_changes,
+    )
     try:
         generator_state = load_file(str(path / DATA_ORDER_FILE))["generator"]
         return Checkpoint(
@@ -681,24 +682,6 @@ def train_loop(
     )
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the lines of steps up to ``step`` (those after it are trained again); a line
-    cut short by a crash is dropped too."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines(keepends=True):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
-            kept.append(line if line.endswith("\n") else line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    tmp.replace(path)
-
-
 def write_run_files(output_dir: Path, config: TrainConfig, evaluation: dict[str, Any]) -> Path:
     """``config.yaml`` and ``eval.json`` of a finished run; returns the eval file."""
     import yaml
@@ -741,79 +724,91 @@ def fit_and_save(
     out = Path(config.output_dir)
     metrics_file = out / "metrics.jsonl"
     main = accelerator.is_main_process
-    if resume is not None and main:
-        _truncate_metrics(metrics_file, resume.step)
-    logger = JsonlLogger(metrics_file if main else None, append=resume is not None)
-    eval_loader = None
-    if eval_examples:
-        eval_loader = accelerator.prepare(
-            DataLoader(
-                list(eval_examples),  # type: ignore[arg-type]
-                batch_size=config.eval_batch_size or config.batch_size,
-                collate_fn=collate,
-            )
+    claim = claim_output_dir_on_main(
+        accelerator,
+        out,
+        overwrite=config.overwrite,
+        resume=resume is not None,
+        command=f"pmrlhf {name}",
+    )
+    try:
+        logger = JsonlLogger(
+            metrics_file if main else None, resume_step=resume.step if resume is not None else None
         )
-    model = model.to(accelerator.device)
-    if resume is not None:
-        before = resume.eval_before  # of the starting model, measured when the run began
-    elif eval_loader is not None and config.eval_before:
-        before = evaluate(model, eval_loader)
-        bad = _non_finite_entry(before)
+        eval_loader = None
+        if eval_examples:
+            eval_loader = accelerator.prepare(
+                DataLoader(
+                    list(eval_examples),  # type: ignore[arg-type]
+                    batch_size=config.eval_batch_size or config.batch_size,
+                    collate_fn=collate,
+                )
+            )
+        model = model.to(accelerator.device)
+        if resume is not None:
+            before = resume.eval_before  # of the starting model, measured when the run began
+        elif eval_loader is not None and config.eval_before:
+            before = evaluate(model, eval_loader)
+            bad = _non_finite_entry(before)
+            if bad is not None:
+                raise NonFiniteError(
+                    f"the held-out {bad} of the starting model {config.model} is not finite"
+                )
+        else:
+            before = None
+
+        def checkpoint(current: Any, state: dict[str, Any], generator_state: torch.Tensor) -> Path:
+            directory = out / CHECKPOINT_DIR
+            state = {"kind": name, **state, "eval_before": before, "config": to_dict(config)}
+            save_checkpoint(accelerator, current, tokenizer, directory, state, generator_state)
+            return directory
+
+        try:
+            model, loop = train_loop(
+                config=config,
+                accelerator=accelerator,
+                model=model,
+                train_examples=train_examples,
+                collate=collate,
+                loss_fn=loss_fn,
+                save_checkpoint=checkpoint,
+                logger=logger,
+                name=name,
+                resume=resume,
+            )
+        finally:
+            logger.close()
+        after = evaluate(model, eval_loader) if eval_loader is not None else None
+        evaluation = {"before": before, "after": after, "steps": loop.steps}
+        bad = _non_finite_entry(after)
         if bad is not None:
             raise NonFiniteError(
-                f"the held-out {bad} of the starting model {config.model} is not finite"
+                f"the held-out {bad} after training is not finite, so nothing was saved; "
+                f"try a lower lr (now {config.lr:g})"
             )
-    else:
-        before = None
+        model_dir = out / "model"
+        save_model(accelerator, model, tokenizer, model_dir, merge_lora=config.merge_lora)
+        eval_file = out / "eval.json"
+        if main:
+            write_run_files(out, config, evaluation)
+        accelerator.wait_for_everyone()
+        return {
+            "model_dir": str(model_dir),
+            "output_dir": str(out),
+            "metrics_file": str(metrics_file),
+            "eval_file": str(eval_file),
+            "steps": loop.steps,
+            "epochs": loop.epochs,
+            "train_loss": loop.train_loss,
+            "seconds": loop.seconds,
+            "rows": data.rows,
+            "n_train": len(train_examples),
+            "n_eval": len(eval_examples),
+            "dropped_long_prompts": data.dropped_long_prompts,
+            "eval": after,
+            "eval_before": before,
+        }
 
-    def checkpoint(current: Any, state: dict[str, Any], generator_state: torch.Tensor) -> Path:
-        directory = out / CHECKPOINT_DIR
-        state = {"kind": name, **state, "eval_before": before, "config": to_dict(config)}
-        save_checkpoint(accelerator, current, tokenizer, directory, state, generator_state)
-        return directory
-
-    try:
-        model, loop = train_loop(
-            config=config,
-            accelerator=accelerator,
-            model=model,
-            train_examples=train_examples,
-            collate=collate,
-            loss_fn=loss_fn,
-            save_checkpoint=checkpoint,
-            logger=logger,
-            name=name,
-            resume=resume,
-        )
     finally:
-        logger.close()
-    after = evaluate(model, eval_loader) if eval_loader is not None else None
-    evaluation = {"before": before, "after": after, "steps": loop.steps}
-    bad = _non_finite_entry(after)
-    if bad is not None:
-        raise NonFiniteError(
-            f"the held-out {bad} after training is not finite, so nothing was saved; "
-            f"try a lower lr (now {config.lr:g})"
-        )
-    model_dir = out / "model"
-    save_model(accelerator, model, tokenizer, model_dir, merge_lora=config.merge_lora)
-    eval_file = out / "eval.json"
-    if main:
-        write_run_files(out, config, evaluation)
-    accelerator.wait_for_everyone()
-    return {
-        "model_dir": str(model_dir),
-        "output_dir": str(out),
-        "metrics_file": str(metrics_file),
-        "eval_file": str(eval_file),
-        "steps": loop.steps,
-        "epochs": loop.epochs,
-        "train_loss": loop.train_loss,
-        "seconds": loop.seconds,
-        "rows": data.rows,
-        "n_train": len(train_examples),
-        "n_eval": len(eval_examples),
-        "dropped_long_prompts": data.dropped_long_prompts,
-        "eval": after,
-        "eval_before": before,
-    }
+        if claim is not None:
+            claim.release()

@@ -1,9 +1,9 @@
 """Advantage estimators. Pure tensor functions over (batch, T) per-token tensors.
 
-``token_rewards`` already holds the shaped reward of spec §4: ``−β p_t`` at every response token
+``token_rewards`` already holds the shaped reward of docs/method.md §4: ``−β p_t`` at every response token
 plus the sequence reward at the last one. ``mask`` marks the response tokens (right-padded).
 None of the estimators normalises by a standard deviation: that would rescale β and break the
-preference-matching target (spec §5).
+preference-matching target (docs/method.md §5).
 
 Estimators are registered by name (:func:`register_advantage`) with one signature,
 ``(token_rewards, mask, values, settings) -> (advantages, returns or None)``; the trainer looks

@@ -8,7 +8,7 @@ the learned distribution is compared with the regulariser's own closed-form opti
 
     pm   softmax(r/β)
     kl   π_ref · exp(r/β) / Z
-    cpm  exp(r/β) · π_ref^[π_ref ≤ α] / Z     (spec §4, one-token responses)
+    cpm  exp(r/β) · π_ref^[π_ref ≤ α] / Z     (docs/method.md §4, one-token responses)
 
 Any registered regulariser can be trained and checked (``--regularizer NAME``).
 

@@ -13,26 +13,23 @@ Writes output_dir/metrics.jsonl (one line per step), output_dir/checkpoint (ever
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from pmrlhf.config import add_config_arguments, config_from_args
+from pmrlhf.config import add_config_arguments, add_resume_arguments, config_from_args
 from pmrlhf.rl.config import RLConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--resume",
-        type=Path,
-        help="continue exactly from a checkpoint folder (output_dir/checkpoint)",
-    )
+    add_resume_arguments(parser)
     add_config_arguments(parser, RLConfig)
 
 
 def run(args: argparse.Namespace) -> int:
     from pmrlhf.rl.trainer import RLTrainer
+    from pmrlhf.runtime import has_complete_copy
 
     config = config_from_args(RLConfig, args)
-    if args.resume is not None and not args.resume.is_dir():
+    # checked before any model is loaded; a save cut short between its renames still counts
+    if args.resume is not None and not has_complete_copy(args.resume):
         raise FileNotFoundError(f"--resume: checkpoint folder not found: {args.resume}")
-    RLTrainer(config).train(resume=args.resume)
+    RLTrainer(config).train(resume=args.resume, allow_config_change=args.allow_config_change)
     return 0

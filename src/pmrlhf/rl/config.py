@@ -162,6 +162,11 @@ class RLConfig(OptimConfig):
     tensorboard: bool = option(
         False, help="also log metrics to tensorboard in output_dir/tensorboard"
     )
+    overwrite: bool = option(
+        False,
+        help="replace the run already in output_dir (its checkpoint, metrics, policy); without "
+        "it a used output_dir is refused unless resuming",
+    )
     quiet: bool = option(False, help="no progress bar and no final summary printout")
 
     def __post_init__(self) -> None:
@@ -220,7 +225,7 @@ class RLConfig(OptimConfig):
         Sampling settings (temperature, top-p, top-k, min_new_tokens) move every regulariser's
         optimum, kl's included, because rollouts are then not drawn from the π that is scored.
         For regularisers that aim at their closed form exactly (pm, cpm), reward clipping and
-        advantage normalisation are flagged too (spec §5). The global ``token-mean`` loss only
+        advantage normalisation are flagged too (docs/method.md §5). The global ``token-mean`` loss only
         rescales each batch's step, so it leaves the fixed point where it is and is not flagged.
         """
         issues = []

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from pmrlhf.rl.decoding import pad_to_bucket
+
 
 @dataclass
 class Rollout:
@@ -167,8 +169,17 @@ def generate(
     extra = {}
     if allowed_token_ids is not None:
         extra["logits_processor"] = [_AllowedTokens(allowed_token_ids)]
+    input_ids, attention_mask, added = encoded.input_ids, encoded.attention_mask, 0
+    if cache_implementation == "static":
+        # left-pad to a bucketed length: a compiled static-cache decoder then sees a bounded
+        # number of prompt shapes instead of one per new prompt length
+        input_ids, attention_mask, added = pad_to_bucket(
+            input_ids, attention_mask, tokenizer.pad_token_id
+        )
     with _without_checkpoint_generation_defaults(model):
-        sequences = model.generate(**encoded, generation_config=config, **extra)
+        sequences = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **extra
+        )[:, added:]
     prompt_length = encoded.input_ids.shape[1]
     response_ids = sequences[:, prompt_length:]
     response_mask = (

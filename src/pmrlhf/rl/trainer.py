@@ -38,10 +38,15 @@ from pmrlhf.rl.rollout import Rollout, ValueModel, generate, token_logprobs
 from pmrlhf.rl.timing import PHASES, PhaseTimer, phase_postfix
 from pmrlhf.runtime import (
     JsonlLogger,
+    NonFiniteError,
     Stopwatch,
     atomic_directory,
+    check_finite_weights,
+    check_resume_settings,
+    claim_output_dir_on_main,
     commit_directory,
     fresh_temp_directory,
+    recover_directory,
     set_seed,
 )
 
@@ -50,6 +55,8 @@ RewardCallable = Callable[[list[str], list[str]], Sequence[float] | Tensor]
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.json"
+# Settings that may differ between a run and its resumption: none of them moves the trajectory.
+RESUMABLE_CHANGES = frozenset({"output_dir", "save_every", "tensorboard", "quiet", "overwrite"})
 
 
 class RLTrainer:
@@ -118,7 +125,7 @@ class RLTrainer:
         self.ref = None
         if self.regularizer.needs_ref:
             self.ref = lora.load_policy_model(
-                c.ref or c.policy, dtype=self.dtype, device=self.device
+                c.ref or c.policy, dtype=self.dtype, device=self.device, trainable=False
             ).eval()
             self.ref.requires_grad_(False)
         if reward_fn is not None:
@@ -216,7 +223,9 @@ class RLTrainer:
             from pmrlhf import lora
 
             assert self.config.policy is not None
-            copy = lora.load_policy_model(self.config.policy, dtype=self.dtype, device=self.device)
+            copy = lora.load_policy_model(
+                self.config.policy, dtype=self.dtype, device=self.device, trainable=False
+            )
             self._rollout_copy = copy.eval().requires_grad_(False)
         with torch.no_grad():
             targets = dict(self._rollout_copy.named_parameters())
@@ -310,7 +319,7 @@ class RLTrainer:
 
         The shaped per-token rewards are the regulariser's ``−β p_t`` plus the sequence reward
         at the last response token, computed from the detached log-probs of the sampling policy
-        (the sampled estimator of spec §5); the configured estimator turns them into advantages.
+        (the sampled estimator of docs/method.md §5); the configured estimator turns them into advantages.
         """
         c = self.config
         with self.timer.phase("generate"):
@@ -399,13 +408,15 @@ class RLTrainer:
                     value_loss = self._value_loss(forward.values, experience, idx)
                     loss = loss + c.value_coef * value_loss
                     stats["value_loss"].append(float(value_loss.detach()))
+                self._check_finite("loss", loss)
                 with self.timer.phase("backward"):
                     self.accelerator.backward(loss)
                 with self.timer.phase("optimizer"):
-                    if c.max_grad_norm > 0:
-                        self.accelerator.clip_grad_norm_(
-                            self._trainable_parameters(), c.max_grad_norm
-                        )
+                    # clip to max_grad_norm, or only measure the norm (a clip at inf scales by 1)
+                    limit = c.max_grad_norm if c.max_grad_norm > 0 else float("inf")
+                    norm = self.accelerator.clip_grad_norm_(self._trainable_parameters(), limit)
+                    if norm is not None:
+                        self._check_finite("gradient norm", norm)
                     self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 stats["policy_loss"].append(float(policy_loss.detach()))
@@ -414,6 +425,22 @@ class RLTrainer:
         with self.timer.phase("optimizer"):
             self.scheduler.step()
         return {key: _mean(values) for key, values in stats.items() if values}
+
+    def _check_finite(self, what: str, value: Tensor) -> None:
+        """Stop before a non-finite loss or gradient reaches the weights (nothing is saved)."""
+        if bool(torch.isfinite(value.detach()).all()):
+            return
+        kept = Path(self.config.output_dir) / CHECKPOINT_DIR
+        saved = (
+            f"the last checkpoint, {kept}, is kept"
+            if kept.is_dir()
+            else "no checkpoint had been saved (save_every writes one)"
+        )
+        raise NonFiniteError(
+            f"training stopped in step {self.step + 1}: the {what} is {float(value.detach())}; "
+            f"that update was not applied and nothing was saved, {saved}. Check the reward's "
+            f"scale, or try a lower lr (now {self.config.lr:g})"
+        )
 
     def _value_loss(self, values: Tensor, experience: Experience, idx: Tensor) -> Tensor:
         if experience.old_values is None or experience.returns is None:
@@ -430,6 +457,9 @@ class RLTrainer:
         """One RL step: this step's prompts ─> :meth:`make_experience` ─> :meth:`update`."""
         watch = Stopwatch()
         self.timer.reset()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         experience = self.make_experience(self._step_prompts())
         stats = self.update(experience)
         self.step += 1
@@ -456,6 +486,8 @@ class RLTrainer:
         for phase in PHASES:
             if phase in self.timer.seconds:
                 metrics[f"time_{phase}"] = self.timer.seconds[phase]
+        if cuda:  # the step's high-water mark of allocated GPU memory, in GiB
+            metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         return self._gather(metrics)
 
     def _trainable_parameters(self) -> list[Tensor]:
@@ -482,6 +514,9 @@ class RLTrainer:
             else Path(self.config.output_dir) / CHECKPOINT_DIR
         )
         acc = self.accelerator
+        check_finite_weights(acc, self.policy, f"the checkpoint at step {self.step}")
+        if self.critic is not None:
+            check_finite_weights(acc, self.critic, f"the critic at step {self.step}")
         tmp = (
             fresh_temp_directory(final)
             if acc.is_main_process
@@ -501,7 +536,14 @@ class RLTrainer:
             acc.unwrap_model(self.policy).save_pretrained(tmp / "policy")
             self.tokenizer.save_pretrained(tmp / "policy")
             (tmp / STATE_FILE).write_text(
-                json.dumps({"step": self.step, "config": asdict(self.config)}, indent=2)
+                json.dumps(
+                    {
+                        "step": self.step,
+                        "processes": acc.num_processes,
+                        "config": asdict(self.config),
+                    },
+                    indent=2,
+                )
             )
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -509,15 +551,49 @@ class RLTrainer:
         acc.wait_for_everyone()
         return final
 
-    def load_checkpoint(self, directory: str | Path) -> None:
+    def load_checkpoint(self, directory: str | Path, allow_config_change: bool = False) -> None:
+        """Restore a checkpoint of a run with the same settings (see :func:`check_resume_settings`).
+
+        A checkpoint whose save was cut short between its renames is recovered first. Missing
+        random-number states are an error, not a silent change of the run.
+        """
         directory = Path(directory)
+        where = f"--resume {directory}"
+        if self.accelerator.is_main_process:
+            recover_directory(directory)
+        self.accelerator.wait_for_everyone()
         state_file = directory / STATE_FILE
         if not state_file.is_file():
-            raise FileNotFoundError(f"not a pmrlhf RL checkpoint (no {STATE_FILE}): {directory}")
+            raise FileNotFoundError(f"{where}: not a pmrlhf RL checkpoint (no {STATE_FILE})")
+        try:
+            state = json.loads(state_file.read_text())
+            step = int(state["step"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{where}: cannot read {STATE_FILE}: {err}") from None
+        processes = state.get("processes", 1)
+        if processes != self.accelerator.num_processes:
+            raise ValueError(
+                f"{where}: written by {processes} process(es), resumed on "
+                f"{self.accelerator.num_processes}; use the same number"
+            )
+        for rank in range(self.accelerator.num_processes):
+            if not (directory / f"random_states_{rank}.pkl").is_file():
+                raise ValueError(
+                    f"{where}: incomplete checkpoint, random_states_{rank}.pkl is missing, so "
+                    "the run could not continue exactly"
+                )
+        check_resume_settings(
+            state.get("config", {}),
+            asdict(self.config),
+            ignore=RESUMABLE_CHANGES,
+            where=where,
+            allow_changes=allow_config_change,
+        )
         self.accelerator.load_state(str(directory))
-        self.step = int(json.loads(state_file.read_text())["step"])
+        self.step = step
 
     def save_policy(self, directory: str | Path) -> None:
+        check_finite_weights(self.accelerator, self.policy, f"the policy {directory}")
         if self.accelerator.is_main_process:
             with atomic_directory(directory) as tmp:
                 self.accelerator.unwrap_model(self.policy).save_pretrained(tmp)
@@ -525,15 +601,42 @@ class RLTrainer:
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ the loop
-    def train(self, resume: str | Path | None = None, print_summary: bool = True) -> dict[str, Any]:
+    def train(
+        self,
+        resume: str | Path | None = None,
+        print_summary: bool = True,
+        allow_config_change: bool = False,
+    ) -> dict[str, Any]:
+        """Run to ``max_steps``; ``resume`` continues exactly from a checkpoint folder.
+
+        The output folder is locked for the run, and a folder that holds another run is refused
+        unless ``resume`` or the ``overwrite`` setting is given.
+        """
+        c = self.config
+        claim = claim_output_dir_on_main(
+            self.accelerator,
+            c.output_dir,
+            overwrite=c.overwrite,
+            resume=resume is not None,
+            command="pmrlhf rl",
+        )
+        try:
+            if resume is not None:
+                self.load_checkpoint(resume, allow_config_change)
+            return self._train(resumed=resume is not None, print_summary=print_summary)
+        finally:
+            if claim is not None:
+                claim.release()
+
+    def _train(self, resumed: bool, print_summary: bool) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         c = self.config
         out = Path(c.output_dir)
-        if resume is not None:
-            self.load_checkpoint(resume)
         main = self.accelerator.is_main_process
-        logger = JsonlLogger(out / "metrics.jsonl" if main else None, append=resume is not None)
+        logger = JsonlLogger(
+            out / "metrics.jsonl" if main else None, resume_step=self.step if resumed else None
+        )
         board = _tensorboard(out) if (c.tensorboard and main) else None
         bar = tqdm(
             total=c.max_steps,
