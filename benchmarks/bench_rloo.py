@@ -366,7 +366,10 @@ def make_pmrlhf(args: argparse.Namespace, model_dir: Path, regularizer: str, out
         output_dir=str(out),
         quiet=True,
     )
-    accelerator = Accelerator(cpu=args.device == "cpu")
+    from pmrlhf.optim import mixed_precision
+
+    # the same precision as the config asks for: an Accelerator built without it runs fp32
+    accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=mixed_precision(args.dtype))
     return RLTrainer(
         config, reward_fn=count_word, prompts=make_prompts(args), accelerator=accelerator
     )
@@ -599,6 +602,32 @@ def cprofile_step(side: PmrlhfSide) -> None:
     print(stream.getvalue(), file=sys.stderr)
 
 
+def cuda_profile_step(side: PmrlhfSide, top: int = 25) -> list[dict[str, Any]]:
+    """Run one more step of ``side`` under the torch profiler; the operators that take the most
+    GPU time, with their share of it (also printed to stderr)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        side.trainer.train_step()
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    events.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in events) or 1.0
+    rows = [
+        {
+            "op": e.key[:80],
+            "calls": e.count,
+            "gpu_ms": round(e.self_device_time_total / 1000, 2),
+            "share": round(e.self_device_time_total / total, 3),
+        }
+        for e in events[:top]
+    ]
+    print(f"[bench] GPU time of one {side.name} step: {total / 1000:.1f} ms", file=sys.stderr)
+    for row in rows:
+        print(f"[bench]   {row['gpu_ms']:9.2f} ms {row['share']:6.1%} x{row['calls']:<6} {row['op']}",
+              file=sys.stderr)  # fmt: skip
+    return rows
+
+
 # ---------------------------------------------------------------------------------- main
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
@@ -696,6 +725,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             target = by_name.get("pmrlhf_kl", pm_sides[0])
             result["profile"] = phase_breakdown(target, args)
             cprofile_step(target)
+            if args.device == "cuda":
+                result["profile"]["cuda_kernels"] = cuda_profile_step(target)
     return result
 
 
