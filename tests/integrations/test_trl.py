@@ -1,0 +1,309 @@
+"""The TRL plug-in: exact agreement with TRL's own k1 penalty, and convergence on a bandit.
+
+Runs in an environment with TRL installed (``make test-integrations``); skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from transformers import AutoModelForCausalLM  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
+
+from pmrlhf.integrations.trl import PenaltyReward, pm_risks  # noqa: E402
+from pmrlhf.metrics import total_variation  # noqa: E402
+from pmrlhf.models import build_tiny_model, load_tokenizer  # noqa: E402
+from pmrlhf.rl.config import PMSafetyWarning  # noqa: E402
+from pmrlhf.theory import cpm_optimal_policy, kl_optimal_policy, pm_optimal_policy  # noqa: E402
+
+PROMPTS = ["Which season do you like best ?", "Which drink do you prefer ?"]
+
+
+def trl_args(config_cls, out: Path, **overrides):
+    base = dict(
+        output_dir=str(out),
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10_000,
+        disable_tqdm=True,
+        seed=0,
+        bf16=False,
+        fp16=False,
+        disable_dropout=True,
+    )
+    base.update(overrides)
+    return config_cls(**base)
+
+
+def zero_reward(completion_ids, **kwargs):
+    return [0.0] * len(completion_ids)
+
+
+def length_reward(completion_ids, **kwargs):
+    return [0.1 * len(ids) for ids in completion_ids]
+
+
+# -- kl mode: the plug-in equals TRL's own k1 penalty ---------------------------------------------
+
+
+def _record_logps(trainer):
+    """Keep every tensor the trainer's own log-prob method returns (instrumentation only)."""
+    calls: list[torch.Tensor] = []
+    original = trainer._get_per_token_logps_and_entropies
+
+    def recording(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append(out[0].detach().clone())
+        return out
+
+    trainer._get_per_token_logps_and_entropies = recording
+    return calls
+
+
+def _perturb(model, seed: int = 1) -> None:
+    """Move the trainable weights (all of them, or the LoRA ones) away from the reference."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.3 * torch.randn(param.shape, generator=generator))
+
+
+@pytest.mark.parametrize("use_peft", [False, True], ids=["ref-model", "peft-adapter"])
+def test_kl_mode_equals_trl_k1(tiny_model_dir, tmp_path, use_peft):
+    """TRL's own k1 (beta=β) and the plug-in's kl (TRL beta=0) agree sequence by sequence.
+
+    The reference is a separate model (TRL loads its own from the policy's folder), or, for a
+    PEFT policy, the policy with its adapter disabled on both sides.
+    """
+    beta, group = 0.7, 4
+    inputs = [{"prompt": p} for p in PROMPTS for _ in range(group)]
+    common = dict(
+        num_generations=group,
+        per_device_train_batch_size=len(inputs),
+        max_completion_length=6,
+        normalize_advantages=False,
+        mask_truncated_completions=use_peft,  # both masking modes, one per variant
+    )
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    extra = {}
+    if use_peft:
+        from peft import LoraConfig
+
+        extra["peft_config"] = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+
+    def build(name, reward_funcs, trl_beta):
+        trainer = RLOOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+            reward_funcs=reward_funcs,
+            args=trl_args(RLOOConfig, tmp_path / name, beta=trl_beta, **common),
+            train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
+            processing_class=tokenizer,
+            **extra,
+        )
+        _perturb(trainer.model)  # the policy moves away from its reference
+        return trainer
+
+    # TRL's own KL-in-reward.
+    trainer_a = build("a", [length_reward], beta)
+    calls = _record_logps(trainer_a)
+    torch.manual_seed(123)
+    out_a = trainer_a._generate_and_score_completions([dict(x) for x in inputs])
+    policy_logp, ref_logp = calls
+    mask_a = out_a["completion_mask"]
+    trl_k1 = ((policy_logp - ref_logp) * mask_a).sum(-1)
+
+    # The plug-in's kl with TRL's beta=0 and the same policy weights.
+    ref_model = None if use_peft else AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    penalty = PenaltyReward("kl", beta=beta, ref_model=ref_model)
+    trainer_b = build("b", [length_reward, penalty], 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PMSafetyWarning)
+        penalty.bind(trainer_b)
+    torch.manual_seed(123)
+    out_b = trainer_b._generate_and_score_completions([dict(x) for x in inputs])
+
+    # Same batch, with prompts of different lengths (left padding) and completions of several
+    # lengths (EOS and right padding).
+    assert torch.equal(out_a["completion_ids"], out_b["completion_ids"])
+    assert torch.equal(out_a["prompt_mask"], out_b["prompt_mask"])
+    assert out_a["prompt_mask"].sum(-1).unique().numel() == 2
+    assert mask_a.sum(-1).unique().numel() > 1
+    if use_peft:  # some completions hit the length limit and are masked out entirely
+        assert (mask_a.sum(-1) == 0).any() and (
+            penalty.last_penalty[mask_a.sum(-1).cpu() == 0] == 0
+        ).all()
+    assert trl_k1.abs().max() > 0.1  # the check is not vacuous
+    torch.testing.assert_close(penalty.last_penalty, trl_k1.cpu(), rtol=1e-5, atol=1e-5)
+    # ... and TRL's own arithmetic turns both into the same advantages.
+    torch.testing.assert_close(out_b["advantages"], out_a["advantages"], rtol=1e-5, atol=1e-5)
+
+
+def test_bind_checks_and_warnings(tiny_model_dir, tmp_path):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    unbound = PenaltyReward("pm", beta=1.0)
+    with pytest.raises(RuntimeError, match="bind"):
+        unbound(prompts=["a"], completions=["b"], completion_ids=[[4]])
+
+    penalty = PenaltyReward("cpm", beta=1.0, alpha=0.1)  # no ref_model, no PEFT
+    args = trl_args(
+        GRPOConfig,
+        tmp_path,
+        beta=0.0,
+        num_generations=2,
+        per_device_train_batch_size=2,
+        max_completion_length=2,
+        temperature=0.7,
+        top_k=5,
+        top_p=0.9,
+        scale_rewards="group",
+        multi_objective_aggregation="normalize_then_sum",
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[zero_reward, penalty],
+        args=args,
+        train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
+        processing_class=tokenizer,
+    )
+    risks = " | ".join(pm_risks(trainer, penalty))
+    for setting in ("temperature", "top_p", "top_k", "scale_rewards", "normalize_then_sum"):
+        assert setting in risks
+    with (
+        pytest.warns(PMSafetyWarning, match="scale_rewards"),
+        pytest.raises(ValueError, match="needs a reference"),
+    ):
+        penalty.bind(trainer)
+    with pytest.raises(ValueError, match="not among the trainer's reward_funcs"):
+        PenaltyReward("pm").bind(trainer)
+    with pytest.raises(ValueError, match="unknown regularizer"):
+        PenaltyReward("entropy")
+
+
+# -- convergence: a one-token bandit over the whole (tiny) vocabulary -----------------------------
+
+BANDIT_TARGET = {"answer0": 0.15, "answer1": 0.35, "answer2": 0.30}  # the rest share 0.2
+BANDIT_REWARD = {"answer0": 1.0, "answer1": 0.5, "answer2": 0.0}  # the rest get -1
+BANDIT_PROMPT = "question0"
+
+
+@pytest.fixture(scope="module")
+def bandit_dir(tmp_path_factory):
+    """A tiny LM whose full next-token distribution after the prompt is the reference."""
+    folder = build_tiny_model(
+        tmp_path_factory.mktemp("bandit"),
+        [BANDIT_PROMPT, *BANDIT_REWARD],
+        seed=0,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+    )
+    tokenizer = load_tokenizer(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    vocab = len(tokenizer)
+    target = torch.full((vocab,), 0.2 / (vocab - len(BANDIT_TARGET)))
+    for word, prob in BANDIT_TARGET.items():
+        target[tokenizer.convert_tokens_to_ids(word)] = prob
+    encoded = tokenizer([BANDIT_PROMPT], return_tensors="pt")
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        logp = torch.log_softmax(model(**encoded).logits[0, -1], -1)
+        loss = torch.nn.functional.kl_div(logp, target, reduction="sum")
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.save_pretrained(folder)
+    return folder
+
+
+def _rewards(tokenizer) -> torch.Tensor:
+    rewards = torch.full((len(tokenizer),), -1.0, dtype=torch.float64)
+    for word, value in BANDIT_REWARD.items():
+        rewards[tokenizer.convert_tokens_to_ids(word)] = value
+    return rewards
+
+
+@torch.no_grad()
+def _distribution(model, tokenizer) -> torch.Tensor:
+    encoded = tokenizer([BANDIT_PROMPT], return_tensors="pt").to(model.device)
+    return torch.softmax(model(**encoded).logits[0, -1].double(), -1).cpu()
+
+
+def _optimum(name: str, rewards, reference, beta: float, alpha: float) -> torch.Tensor:
+    if name == "pm":
+        return pm_optimal_policy(rewards, beta)
+    if name == "kl":
+        return kl_optimal_policy(rewards, reference, beta)
+    probs = reference.unsqueeze(-1)
+    return cpm_optimal_policy(rewards, probs, torch.ones_like(probs), alpha, beta)
+
+
+def run_trl_bandit(bandit_dir, tmp_path, regularizer: str, trainer_name: str, steps: int = 300):
+    beta, alpha, group = 1.0, 0.2, 16
+    tokenizer = load_tokenizer(str(bandit_dir))
+    rewards = _rewards(tokenizer)
+
+    def task_reward(completion_ids, **kwargs):
+        return [float(rewards[ids[0]]) for ids in completion_ids]
+
+    policy = AutoModelForCausalLM.from_pretrained(bandit_dir)
+    reference = _distribution(policy, tokenizer)
+    ref_model = AutoModelForCausalLM.from_pretrained(bandit_dir) if regularizer != "pm" else None
+    penalty = PenaltyReward(regularizer, beta=beta, alpha=alpha, ref_model=ref_model)
+    common = dict(
+        beta=0.0,
+        num_generations=group,
+        per_device_train_batch_size=group,
+        max_completion_length=1,
+        learning_rate=3e-3,
+        max_steps=steps,
+        lr_scheduler_type="linear",
+        max_grad_norm=0.0,
+    )
+    if trainer_name == "rloo":
+        trainer_cls, args = RLOOTrainer, trl_args(RLOOConfig, tmp_path, **common)
+    else:
+        args = trl_args(GRPOConfig, tmp_path, scale_rewards="none", **common)
+        trainer_cls = GRPOTrainer
+    trainer = trainer_cls(
+        model=policy,
+        reward_funcs=[task_reward, penalty],
+        args=args,
+        train_dataset=datasets.Dataset.from_dict({"prompt": [BANDIT_PROMPT] * 64}),
+        processing_class=tokenizer,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PMSafetyWarning)
+        penalty.bind(trainer)
+    trainer.train()
+    learned = _distribution(trainer.model, tokenizer)
+    optimum = _optimum(regularizer, rewards, reference, beta, alpha)
+    print(
+        f"{trainer_name}/{regularizer}: TV to the closed form {float(total_variation(learned, optimum)):.4f}"
+    )
+    return float(total_variation(learned, optimum)), reference, optimum, learned
+
+
+@pytest.mark.parametrize("regularizer", ["pm", "cpm", "kl"])
+def test_rloo_bandit_reaches_closed_form(bandit_dir, tmp_path, regularizer):
+    tv, reference, optimum, learned = run_trl_bandit(bandit_dir, tmp_path, regularizer, "rloo")
+    # the targets differ from each other and from the start, so reaching one is informative
+    assert float(total_variation(reference, optimum)) > 0.1
+    assert tv < 0.05, (regularizer, tv, optimum.tolist(), learned.tolist())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("regularizer", ["pm", "cpm"])
+def test_grpo_bandit_reaches_closed_form(bandit_dir, tmp_path, regularizer):
+    tv, _, optimum, learned = run_trl_bandit(bandit_dir, tmp_path, regularizer, "grpo")
+    assert tv < 0.05, (regularizer, tv, optimum.tolist(), learned.tolist())
