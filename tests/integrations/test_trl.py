@@ -5,6 +5,7 @@ Runs in an environment with TRL installed (``make test-integrations``); skipped 
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,14 @@ from pmrlhf.rl.config import PMSafetyWarning  # noqa: E402
 from pmrlhf.theory import cpm_optimal_policy, kl_optimal_policy, pm_optimal_policy  # noqa: E402
 
 PROMPTS = ["Which season do you like best ?", "Which drink do you prefer ?"]
+
+
+def test_expected_trl_version():
+    """The runner states which TRL it meant to test; make sure that is the one imported."""
+    expected = os.environ.get("PMRLHF_EXPECT_TRL")
+    if expected is None:
+        pytest.skip("PMRLHF_EXPECT_TRL is not set")
+    assert trl.__version__ == expected
 
 
 def trl_args(config_cls, out: Path, **overrides):
