@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-from torch import Tensor
-
 from pmrlhf.regularizers import REGULARIZERS, Regularizer, make_regularizer
 
 
@@ -20,16 +17,6 @@ def build_regularizer(
             "(or register your own in pmrlhf.regularizers)"
         )
     return make_regularizer(regularizer, beta=beta, alpha=alpha)
-
-
-def sequence_penalty(
-    regularizer: Regularizer, logp: Tensor, ref_logp: Tensor | None, mask: Tensor
-) -> Tensor:
-    """``Σ_t p_t`` per sequence (shape (B,)), in float32 or wider, from the regulariser's own ``penalty``."""
-    dtype = torch.promote_types(logp.dtype, torch.float32)
-    logp = logp.to(dtype)
-    ref = None if ref_logp is None else ref_logp.to(dtype)
-    return regularizer.penalty(logp, ref, mask).sum(-1)
 
 
 def parse_penalty_type(spec: str) -> tuple[str, float | None]:
