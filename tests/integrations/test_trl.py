@@ -137,6 +137,8 @@ def test_kl_mode_equals_trl_k1(tiny_model_dir, tmp_path, use_peft):
     with warnings.catch_warnings():
         warnings.simplefilter("error", PMSafetyWarning)
         penalty.bind(trainer_b)
+    assert penalty.model is trainer_b.model and penalty.args is trainer_b.args
+    assert penalty.processing_class is trainer_b.processing_class
     torch.manual_seed(123)
     out_b = trainer_b._generate_and_score_completions([dict(x) for x in inputs])
 

@@ -148,6 +148,30 @@ class PenaltyReward:
 
     # -- binding ---------------------------------------------------------------------------------
 
+    @property
+    def model(self) -> Any:
+        """The bound trainer's policy (as the trainer holds it)."""
+        return self._bound().model
+
+    @property
+    def processing_class(self) -> Any:
+        return self._bound().processing_class
+
+    @property
+    def accelerator(self) -> Any:
+        return self._bound().accelerator
+
+    @property
+    def args(self) -> Any:
+        return self._bound().args
+
+    def _bound(self) -> Any:
+        if self.trainer is None:
+            raise RuntimeError(
+                "PenaltyReward is not bound: call penalty.bind(trainer) after building the trainer"
+            )
+        return self.trainer
+
     def bind(self, trainer: Any) -> PenaltyReward:
         """Attach the trainer: its policy, processing class, accelerator and arguments."""
         _check_trl_version()
@@ -225,10 +249,7 @@ class PenaltyReward:
         completion_ids: Sequence[Sequence[int]],
         **kwargs: Any,
     ) -> list[float]:
-        if self.trainer is None:
-            raise RuntimeError(
-                "PenaltyReward is not bound: call penalty.bind(trainer) after building the trainer"
-            )
+        self._bound()
         if kwargs.get("images") is not None or kwargs.get("image") is not None:
             raise ValueError("PenaltyReward does not support multimodal prompts")
         input_ids, attention_mask, completion_mask = self._batch(prompts, completion_ids)
