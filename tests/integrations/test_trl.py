@@ -194,6 +194,8 @@ def test_bind_checks_and_warnings(tiny_model_dir, tmp_path):
         pytest.raises(ValueError, match="needs a reference"),
     ):
         penalty.bind(trainer)
+    with pytest.raises(RuntimeError, match="not bound"):  # a failed bind leaves it unbound
+        penalty(prompts=PROMPTS, completions=["a", "b"], completion_ids=[[4], [5]])
     with pytest.raises(ValueError, match="not among the trainer's reward_funcs"):
         PenaltyReward("pm").bind(trainer)
     with pytest.raises(ValueError, match="unknown regularizer"):

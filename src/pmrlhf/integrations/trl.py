@@ -143,6 +143,7 @@ class PenaltyReward:
         self.regularizer = build_regularizer(regularizer, beta, alpha)
         self.ref_model = ref_model
         self.trainer: Any = None
+        self._use_adapter = False
         self.last_penalty: Tensor | None = None
         self.__name__ = f"{self.regularizer.name}_penalty"  # TRL's column name for this reward
 
@@ -196,8 +197,7 @@ class PenaltyReward:
             warnings.warn(
                 f"{self.regularizer.name} target at risk: {risk}", PMSafetyWarning, stacklevel=2
             )
-        self.trainer = trainer
-        self._use_adapter = False
+        use_adapter = False
         if self.regularizer.needs_ref:
             if self.ref_model is None:
                 from accelerate.utils import is_peft_model
@@ -207,9 +207,11 @@ class PenaltyReward:
                         f"the {self.regularizer.name!r} regulariser needs a reference: pass "
                         "ref_model=..., or train a PEFT adapter (its disabled adapter is the reference)"
                     )
-                self._use_adapter = True
+                use_adapter = True
             else:
                 self.ref_model = self._prepare_reference(trainer, self.ref_model)
+        self._use_adapter = use_adapter
+        self.trainer = trainer
         return self
 
     @staticmethod
