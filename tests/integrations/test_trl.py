@@ -17,12 +17,12 @@ datasets = pytest.importorskip("datasets")
 
 from transformers import AutoModelForCausalLM  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
+from trl_bandit import build_bandit_model, run_trl_bandit, trl_args  # noqa: E402
 
 from pmrlhf.integrations.trl import PenaltyReward, pm_risks  # noqa: E402
 from pmrlhf.metrics import total_variation  # noqa: E402
-from pmrlhf.models import build_tiny_model, load_tokenizer  # noqa: E402
+from pmrlhf.models import load_tokenizer  # noqa: E402
 from pmrlhf.rl.config import PMSafetyWarning  # noqa: E402
-from pmrlhf.theory import cpm_optimal_policy, kl_optimal_policy, pm_optimal_policy  # noqa: E402
 
 PROMPTS = ["Which season do you like best ?", "Which drink do you prefer ?"]
 
@@ -33,23 +33,6 @@ def test_expected_trl_version():
     if expected is None:
         pytest.skip("PMRLHF_EXPECT_TRL is not set")
     assert trl.__version__ == expected
-
-
-def trl_args(config_cls, out: Path, **overrides):
-    base = dict(
-        output_dir=str(out),
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=10_000,
-        disable_tqdm=True,
-        seed=0,
-        bf16=False,
-        fp16=False,
-        disable_dropout=True,
-    )
-    base.update(overrides)
-    return config_cls(**base)
 
 
 def zero_reward(completion_ids, **kwargs):
@@ -204,112 +187,15 @@ def test_bind_checks_and_warnings(tiny_model_dir, tmp_path):
 
 # -- convergence: a one-token bandit over the whole (tiny) vocabulary -----------------------------
 
-BANDIT_TARGET = {"answer0": 0.15, "answer1": 0.35, "answer2": 0.30}  # the rest share 0.2
-BANDIT_REWARD = {"answer0": 1.0, "answer1": 0.5, "answer2": 0.0}  # the rest get -1
-BANDIT_PROMPT = "question0"
-
 
 @pytest.fixture(scope="module")
 def bandit_dir(tmp_path_factory):
-    """A tiny LM whose full next-token distribution after the prompt is the reference."""
-    folder = build_tiny_model(
-        tmp_path_factory.mktemp("bandit"),
-        [BANDIT_PROMPT, *BANDIT_REWARD],
-        seed=0,
-        hidden_size=32,
-        num_layers=1,
-        num_heads=2,
-    )
-    tokenizer = load_tokenizer(str(folder))
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    vocab = len(tokenizer)
-    target = torch.full((vocab,), 0.2 / (vocab - len(BANDIT_TARGET)))
-    for word, prob in BANDIT_TARGET.items():
-        target[tokenizer.convert_tokens_to_ids(word)] = prob
-    encoded = tokenizer([BANDIT_PROMPT], return_tensors="pt")
-    torch.manual_seed(0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(300):
-        logp = torch.log_softmax(model(**encoded).logits[0, -1], -1)
-        loss = torch.nn.functional.kl_div(logp, target, reduction="sum")
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.save_pretrained(folder)
-    return folder
-
-
-def _rewards(tokenizer) -> torch.Tensor:
-    rewards = torch.full((len(tokenizer),), -1.0, dtype=torch.float64)
-    for word, value in BANDIT_REWARD.items():
-        rewards[tokenizer.convert_tokens_to_ids(word)] = value
-    return rewards
-
-
-@torch.no_grad()
-def _distribution(model, tokenizer) -> torch.Tensor:
-    encoded = tokenizer([BANDIT_PROMPT], return_tensors="pt").to(model.device)
-    return torch.softmax(model(**encoded).logits[0, -1].double(), -1).cpu()
-
-
-def _optimum(name: str, rewards, reference, beta: float, alpha: float) -> torch.Tensor:
-    if name == "pm":
-        return pm_optimal_policy(rewards, beta)
-    if name == "kl":
-        return kl_optimal_policy(rewards, reference, beta)
-    probs = reference.unsqueeze(-1)
-    return cpm_optimal_policy(rewards, probs, torch.ones_like(probs), alpha, beta)
-
-
-def run_trl_bandit(bandit_dir, tmp_path, regularizer: str, trainer_name: str, steps: int = 300):
-    beta, alpha, group = 1.0, 0.2, 16
-    tokenizer = load_tokenizer(str(bandit_dir))
-    rewards = _rewards(tokenizer)
-
-    def task_reward(completion_ids, **kwargs):
-        return [float(rewards[ids[0]]) for ids in completion_ids]
-
-    policy = AutoModelForCausalLM.from_pretrained(bandit_dir)
-    reference = _distribution(policy, tokenizer)
-    ref_model = AutoModelForCausalLM.from_pretrained(bandit_dir) if regularizer != "pm" else None
-    penalty = PenaltyReward(regularizer, beta=beta, alpha=alpha, ref_model=ref_model)
-    common = dict(
-        beta=0.0,
-        num_generations=group,
-        per_device_train_batch_size=group,
-        max_completion_length=1,
-        learning_rate=3e-3,
-        max_steps=steps,
-        lr_scheduler_type="linear",
-        max_grad_norm=0.0,
-    )
-    if trainer_name == "rloo":
-        trainer_cls, args = RLOOTrainer, trl_args(RLOOConfig, tmp_path, **common)
-    else:
-        args = trl_args(GRPOConfig, tmp_path, scale_rewards="none", **common)
-        trainer_cls = GRPOTrainer
-    trainer = trainer_cls(
-        model=policy,
-        reward_funcs=[task_reward, penalty],
-        args=args,
-        train_dataset=datasets.Dataset.from_dict({"prompt": [BANDIT_PROMPT] * 64}),
-        processing_class=tokenizer,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PMSafetyWarning)
-        penalty.bind(trainer)
-    trainer.train()
-    learned = _distribution(trainer.model, tokenizer)
-    optimum = _optimum(regularizer, rewards, reference, beta, alpha)
-    print(
-        f"{trainer_name}/{regularizer}: TV to the closed form {float(total_variation(learned, optimum)):.4f}"
-    )
-    return float(total_variation(learned, optimum)), reference, optimum, learned
+    return build_bandit_model(tmp_path_factory.mktemp("bandit"))
 
 
 @pytest.mark.parametrize("regularizer", ["pm", "cpm", "kl"])
 def test_rloo_bandit_reaches_closed_form(bandit_dir, tmp_path, regularizer):
-    tv, reference, optimum, learned = run_trl_bandit(bandit_dir, tmp_path, regularizer, "rloo")
+    tv, reference, optimum, learned, _ = run_trl_bandit(bandit_dir, tmp_path, regularizer, "rloo")
     # the targets differ from each other and from the start, so reaching one is informative
     assert float(total_variation(reference, optimum)) > 0.1
     assert tv < 0.05, (regularizer, tv, optimum.tolist(), learned.tolist())
@@ -318,5 +204,26 @@ def test_rloo_bandit_reaches_closed_form(bandit_dir, tmp_path, regularizer):
 @pytest.mark.slow
 @pytest.mark.parametrize("regularizer", ["pm", "cpm"])
 def test_grpo_bandit_reaches_closed_form(bandit_dir, tmp_path, regularizer):
-    tv, _, optimum, learned = run_trl_bandit(bandit_dir, tmp_path, regularizer, "grpo")
+    tv, _, optimum, learned, _ = run_trl_bandit(bandit_dir, tmp_path, regularizer, "grpo")
     assert tv < 0.05, (regularizer, tv, optimum.tolist(), learned.tolist())
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_rloo_bandit_on_two_processes(bandit_dir, tmp_path):
+    """Each process scores its own completions; TRL gathers them into groups across processes."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import two_process_launch
+
+    script = Path(__file__).parent / "scripts" / "trl_bandit_two_ranks.py"
+    command, env = two_process_launch(str(script), str(bandit_dir), str(tmp_path), "cpm")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [env.get("PYTHONPATH", ""), *sys.path] if p)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert all(r["processes"] == 2 for r in ranks)
+    assert ranks[0]["learned"] == ranks[1]["learned"]  # the replicas stayed in sync
+    assert ranks[0]["tv"] < 0.05, ranks[0]
