@@ -69,8 +69,12 @@ def _perturb(model, seed: int = 1) -> None:
                 param.add_(0.3 * torch.randn(param.shape, generator=generator))
 
 
-@pytest.mark.parametrize("use_peft", [False, True], ids=["ref-model", "peft-adapter"])
-def test_kl_mode_equals_trl_k1(tiny_model_dir, tmp_path, use_peft):
+@pytest.mark.parametrize(
+    ("use_peft", "temperature"),
+    [(False, 1.0), (True, 1.0), (False, 0.7)],
+    ids=["ref-model", "peft-adapter", "ref-model-temperature"],
+)
+def test_kl_mode_equals_trl_k1(tiny_model_dir, tmp_path, use_peft, temperature):
     """TRL's own k1 (beta=β) and the plug-in's kl (TRL beta=0) agree sequence by sequence.
 
     The reference is a separate model (TRL loads its own from the policy's folder), or, for a
@@ -84,6 +88,7 @@ def test_kl_mode_equals_trl_k1(tiny_model_dir, tmp_path, use_peft):
         max_completion_length=6,
         normalize_advantages=False,
         mask_truncated_completions=use_peft,  # both masking modes, one per variant
+        temperature=temperature,  # log-probs of the tempered policy, on both sides
     )
     tokenizer = load_tokenizer(str(tiny_model_dir))
     extra = {}
@@ -117,9 +122,11 @@ def test_kl_mode_equals_trl_k1(tiny_model_dir, tmp_path, use_peft):
     ref_model = None if use_peft else AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     penalty = PenaltyReward("kl", beta=beta, ref_model=ref_model)
     trainer_b = build("b", [length_reward, penalty], 0.0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", PMSafetyWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PMSafetyWarning)
         penalty.bind(trainer_b)
+    risks = [str(w.message) for w in caught if issubclass(w.category, PMSafetyWarning)]
+    assert len(risks) == (temperature != 1.0) and all("temperature" in r for r in risks)
     assert penalty.model is trainer_b.model and penalty.args is trainer_b.args
     assert penalty.processing_class is trainer_b.processing_class
     torch.manual_seed(123)
