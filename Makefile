@@ -34,6 +34,11 @@ typecheck: $(STAMP)
 
 check: lint typecheck test
 
+# TRL, verl and OpenRLHF integrations: builds .venv-trl and .venv-verl (first run), runs tests/integrations.
+.PHONY: test-integrations
+test-integrations:
+	PYTHON=$(PYTHON) bash tests/integrations/run.sh
+
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python benchmarks/bench_rloo.py
