@@ -1,7 +1,7 @@
 """Distributed training: the shipped accelerate configs, and multi-process runs that must match
 single-process runs on the same global batch.
 
-What "the same global batch" means here (docs/distributed.md, "What is tested"):
+What "the same global batch" means here (docs/distributed.md, "What is tested, and where"):
 
 * ``sft`` and ``rm``: accelerate shards the shuffled data loader by whole batches, so 2 processes
   with ``batch_size`` b see, at each step, exactly the 2b examples that 1 process with
@@ -36,7 +36,7 @@ DEEPSPEED_CONFIGS = ["deepspeed_zero2", "deepspeed_zero3"]
 
 # Largest |difference| allowed between a weight trained on 2 processes and on 1 (fp32, 2-3
 # AdamW steps). The runs differ only in summation order (an all-reduce, batched vs. split
-# matmuls), which leaves differences of order 1e-7; a real mismatch (a sum instead of a mean
+# matmuls), which leaves differences of order 1e-6 or less; a real mismatch (a sum instead of a mean
 # over ranks, a different batch) moves weights by about the learning rate, 1e-3.
 WEIGHT_ATOL = 2e-5
 # ... and the least a weight must have moved in those steps, so that the comparison means something.
@@ -44,12 +44,12 @@ MOVED = 5e-4
 
 
 # --------------------------------------------------------------------------- accelerate configs
-def _launch_args(name: str, *overrides: str):
+def _launch_args(name: str):
     """The launch arguments accelerate derives from one config file, as `accelerate launch` does."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
     parser = launch_command_parser()
-    argv = ["--config_file", str(CONFIGS / f"{name}.yaml"), *overrides, "-m", "pmrlhf", "rl"]
+    argv = ["--config_file", str(CONFIGS / f"{name}.yaml"), "-m", "pmrlhf", "rl"]
     args, defaults, _ = _validate_launch_command(parser.parse_args(argv))
     known = set(vars(parser.parse_args(["-m", "pmrlhf"])))
     return args, defaults, known
@@ -234,19 +234,40 @@ def _single_env() -> dict[str, str]:
     return env
 
 
-def _run_two_processes(*argv: str) -> None:
+def _run_two_processes(*argv: str, fsdp_report: Path | None = None) -> None:
+    """`pmrlhf` on 2 gloo processes: DDP, or with ``fsdp_report`` accelerate's FSDP2 path."""
     from conftest import two_process_launch
 
-    command, env = two_process_launch("-m", "pmrlhf", *argv)
+    if fsdp_report is None:
+        command, env = two_process_launch("-m", "pmrlhf", *argv)
+    else:
+        command, env = two_process_launch(str(SCRIPTS / "fsdp_on_cpu.py"), *argv)
+        launch = command.index("launch") + 1
+        command[launch : launch + 1] = ["--config_file", str(CONFIGS / "fsdp.yaml")]
+        fsdp_report.mkdir(parents=True, exist_ok=True)
+        env["FSDP_ON_CPU_REPORT"] = str(fsdp_report)
     env["PYTHONPATH"] = _single_env()["PYTHONPATH"]
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    if fsdp_report is not None:
+        for rank in (0, 1):
+            report = json.loads((fsdp_report / f"rank{rank}.json").read_text())
+            assert report == {"distributed_type": "FSDP", "fsdp_version": 2, "num_processes": 2}
 
 
-def _max_weight_difference(a: Path, b: Path) -> float:
+def _max_weight_difference(a: Path, b: Path, shared_only: bool = False) -> float:
+    """Largest |difference| of two saved models' tensors.
+
+    ``shared_only``: compare the names both files hold. A model with tied input and output
+    embeddings is saved with or without the tied copy (lm_head.weight), depending on whether
+    the state dict came gathered from shards; both reload to the same model.
+    """
     first, second = load_file(str(a)), load_file(str(b))
-    assert first.keys() == second.keys()
-    return max(float((first[k] - second[k]).abs().max()) for k in first)
+    names = first.keys() & second.keys() if shared_only else first.keys()
+    if not shared_only:
+        assert first.keys() == second.keys()
+    assert names
+    return max(float((first[k] - second[k]).abs().max()) for k in names)
 
 
 def _moved(start: Path, trained: Path) -> float:
@@ -358,5 +379,87 @@ def test_rl_on_two_processes_with_a_resume_matches_one_process(
     assert [r["step"] for r in two_rows] == [r["step"] for r in one_rows] == [1, 2, 3]
     for a, b in zip(two_rows, one_rows, strict=True):
         for key in ("reward_mean", "policy_loss", "kl_to_ref", "value_loss", "entropy"):
+            if key in b:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), key
+
+
+# --------------------------------------------------------------------------- FSDP2 equivalence
+# accelerate's own FSDP2 path on 2 CPU processes (tests/scripts/fsdp_on_cpu.py): fully_shard,
+# full state dicts gathered for the saved models, sharded (torch.distributed.checkpoint) states.
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("kind", ["sft", "rm"])
+def test_fsdp2_matches_one_process_on_the_same_global_batch(kind, tiny_model_dir, tmp_path):
+    rows = SFT_ROWS if kind == "sft" else PAIR_ROWS
+    data = _write_jsonl(tmp_path / "data.jsonl", rows * 2)
+    sharded, one = tmp_path / "fsdp", tmp_path / "one"
+    _run_two_processes(
+        *_train_args(kind, tiny_model_dir, data, sharded, batch_size=2),
+        fsdp_report=tmp_path / "report",
+    )
+    _run_in_process(*_train_args(kind, tiny_model_dir, data, one, batch_size=4))
+
+    weights = "model/model.safetensors"
+    moved = _moved(tiny_model_dir / "model.safetensors", one / weights)
+    difference = _max_weight_difference(sharded / weights, one / weights, shared_only=True)
+    print(f"fsdp2 {kind}: moved {moved:.3g}, 2-vs-1-process max |diff| {difference:.3g}")
+    assert moved > MOVED
+    assert difference < WEIGHT_ATOL
+    for a, b in zip(_metrics(sharded), _metrics(one), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+RL_UNDER_FSDP2 = (
+    "RLTrainer.save_checkpoint and save_policy (src/pmrlhf/rl/trainer.py) call "
+    "unwrap_model(policy).save_pretrained() on the main process only; under FSDP2 the weights "
+    "are sharded DTensors and need accelerator.get_state_dict(policy) on every rank first"
+)
+PPO_UNDER_FSDP2 = (
+    "RLTrainer._load_models prepares policy and critic in one accelerator.prepare() call with "
+    "one optimizer; accelerate 1.15 refuses that under FSDP2 ('Only one model is supported "
+    "when using FSDP2'): each model needs its own optimizer and prepare() call. Also: "
+    + RL_UNDER_FSDP2
+)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(
+    ("algo", "regularizer"),
+    [
+        pytest.param("rloo", "cpm", marks=pytest.mark.xfail(strict=True, reason=RL_UNDER_FSDP2)),
+        pytest.param("ppo", "kl", marks=pytest.mark.xfail(strict=True, reason=PPO_UNDER_FSDP2)),
+    ],
+)
+def test_fsdp2_rl_with_a_sharded_resume_matches_one_process(
+    algo, regularizer, tiny_model_dir, tmp_path
+):
+    """3 steps on 1 process against 2 FSDP2 steps, a sharded checkpoint, and a resumed third."""
+    prompts = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Which drink do you prefer ?"}])
+    sharded, one = tmp_path / "fsdp", tmp_path / "one"
+    report = tmp_path / "report"
+    _run_two_processes(
+        *_rl_args(tiny_model_dir, prompts, sharded, algo, regularizer, steps=2),
+        fsdp_report=report,
+    )
+    # the checkpoint holds torch.distributed.checkpoint folders, one per model and optimizer
+    assert (sharded / "checkpoint" / "pytorch_model_fsdp_0").is_dir()
+    assert (sharded / "checkpoint" / "optimizer_0").is_dir()
+    _run_two_processes(
+        *_rl_args(tiny_model_dir, prompts, sharded, algo, regularizer, steps=3),
+        "--resume", str(sharded / "checkpoint"),
+        fsdp_report=report,
+    )  # fmt: skip
+    _run_in_process(*_rl_args(tiny_model_dir, prompts, one, algo, regularizer, steps=3))
+
+    policy = "policy/model.safetensors"
+    difference = _max_weight_difference(sharded / policy, one / policy, shared_only=True)
+    print(f"fsdp2 rl {algo}/{regularizer}: 2-vs-1-process max |diff| {difference:.3g}")
+    assert _moved(tiny_model_dir / "model.safetensors", one / policy) > MOVED
+    assert difference < WEIGHT_ATOL
+    rows = _metrics(sharded)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for a, b in zip(rows, _metrics(one), strict=True):
+        for key in ("reward_mean", "policy_loss", "kl_to_ref", "value_loss"):
             if key in b:
                 assert a[key] == pytest.approx(b[key], abs=1e-5), key
