@@ -60,7 +60,7 @@ PY
 
 run sft_single python -m pmrlhf sft $SFT --batch-size 4 --output-dir $W/sft_single
 run rl_rloo_single python -m pmrlhf rl $RL --algo rloo --regularizer cpm --output-dir $W/rl_rloo_single
-for cfg in ddp fsdp deepspeed_zero2 deepspeed_zero3; do
+for cfg in ${CONFIGS:-ddp fsdp deepspeed_zero2 deepspeed_zero3}; do
   case $cfg in deepspeed*) python -c "import deepspeed" 2>/dev/null || { echo "$cfg: skipped (no deepspeed)"; continue; };; esac
   L="accelerate launch --config_file configs/accelerate/$cfg.yaml --num_processes $GPUS"
   [ "$GPUS" = 1 ] && [ $cfg = ddp ] && { echo "ddp: skipped (1 GPU)"; continue; }
