@@ -193,18 +193,9 @@ def test_deepspeed_accepts_the_configs(monkeypatch, name):
         unset_hf_deepspeed_config()
 
 
-DEEPSPEED_SCHEDULER = (
-    "train_loop (src/pmrlhf/training.py) builds its LambdaLR on the prepared optimizer's "
-    "inner .optimizer, which under DeepSpeed is a ZeRO optimizer, not a torch Optimizer "
-    "('DeepSpeedZeroOptimizer is not an Optimizer'); it should use the AdamW it built before "
-    "accelerator.prepare, whose param groups the ZeRO optimizer steps"
-)
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("name", DEEPSPEED_CONFIGS)
-@pytest.mark.xfail(strict=True, reason=DEEPSPEED_SCHEDULER)
 def test_deepspeed_sft_on_one_cpu_process_matches_a_plain_run(name, tiny_model_dir, tmp_path):
     """DeepSpeed's engine and ZeRO optimizer for real, on one CPU process.
 
@@ -464,26 +455,13 @@ def test_fsdp2_matches_one_process_on_the_same_global_batch(kind, tiny_model_dir
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
-RL_UNDER_FSDP2 = (
-    "RLTrainer.save_checkpoint and save_policy (src/pmrlhf/rl/trainer.py) call "
-    "unwrap_model(policy).save_pretrained() on the main process only; under FSDP2 the weights "
-    "are sharded DTensors and need accelerator.get_state_dict(policy) on every rank first"
-)
-PPO_UNDER_FSDP2 = (
-    "RLTrainer._load_models prepares policy and critic in one accelerator.prepare() call with "
-    "one optimizer; accelerate 1.15 refuses that under FSDP2 ('Only one model is supported "
-    "when using FSDP2'): each model needs its own optimizer and prepare() call. Also: "
-    + RL_UNDER_FSDP2
-)
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
     ("algo", "regularizer"),
     [
-        pytest.param("rloo", "cpm", marks=pytest.mark.xfail(strict=True, reason=RL_UNDER_FSDP2)),
-        pytest.param("ppo", "kl", marks=pytest.mark.xfail(strict=True, reason=PPO_UNDER_FSDP2)),
+        ("rloo", "cpm"),
+        ("ppo", "kl"),
     ],
 )
 def test_fsdp2_rl_with_a_sharded_resume_matches_one_process(

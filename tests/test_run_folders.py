@@ -14,9 +14,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from pmrlhf.models import load_causal_lm
 from pmrlhf.rl.config import RLConfig
 from pmrlhf.rl.trainer import RLTrainer
-from pmrlhf.runtime import OutputDirError, claim_output_dir, read_jsonl
+from pmrlhf.runtime import (
+    NonFiniteError,
+    OutputDirError,
+    ResumeSettingsWarning,
+    claim_output_dir,
+    read_jsonl,
+)
 
 REWARD_SPEC = f"{Path(__file__).parent / 'scripts' / 'reward_fns.py'}:likes_tea"
 PROMPTS = ["Which drink do you prefer ?"]
@@ -138,3 +145,49 @@ def test_the_reference_and_the_rollout_copy_load_frozen(tiny_model_dir, tmp_path
     assert calls == [True, False], "policy trainable, reference frozen"
     assert trainer.ref is not None and not any(p.requires_grad for p in trainer.ref.parameters())
     assert torch.is_grad_enabled()
+
+
+def _finite_then_huge(prompts, completions):
+    """Ordinary rewards for the first two steps, then values whose sums overflow float32."""
+    _finite_then_huge.calls += 1
+    return [3e38 if _finite_then_huge.calls > 2 else 1.0] * len(completions)
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_checkpoint(tiny_model_dir, tmp_path):
+    _finite_then_huge.calls = 0
+    config = make_config(tiny_model_dir, tmp_path, max_steps=5, save_every=1)
+    trainer = RLTrainer(config, reward_fn=_finite_then_huge, prompts=PROMPTS)
+    with pytest.raises(NonFiniteError, match=r"stopped in step 3: the (loss|gradient norm)") as err:
+        trainer.train()
+    assert "the last checkpoint" in str(err.value) and "is kept" in str(err.value)
+    checkpoint = tmp_path / "checkpoint"
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 2
+    assert not (tmp_path / "policy").exists()
+    saved = load_causal_lm(str(checkpoint / "policy"))
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+    assert [row["step"] for row in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]
+
+
+def _finished_run(policy: Path, out: Path) -> Path:
+    RLTrainer(make_config(policy, out), prompts=PROMPTS).train()
+    return out / "checkpoint"
+
+
+def test_resume_refuses_a_changed_field_unless_allowed(tiny_model_dir, tmp_path):
+    checkpoint = _finished_run(tiny_model_dir, tmp_path)
+    changed = make_config(tiny_model_dir, tmp_path, beta=0.5, seed=3)
+    with pytest.raises(ValueError, match=r"seed 0 -> 3; beta 1\.0 -> 0\.5") as err:
+        RLTrainer(changed, prompts=PROMPTS).train(resume=checkpoint)
+    assert "--allow-config-change" in str(err.value)
+    with pytest.warns(ResumeSettingsWarning, match="beta 1.0 -> 0.5"):
+        summary = RLTrainer(changed, prompts=PROMPTS).train(
+            resume=checkpoint, allow_config_change=True
+        )
+    assert summary["steps_run"] == 0  # the checkpoint already holds max_steps
+
+
+def test_resume_refuses_a_missing_rng_state(tiny_model_dir, tmp_path):
+    checkpoint = _finished_run(tiny_model_dir, tmp_path)
+    (checkpoint / "random_states_0.pkl").unlink()
+    with pytest.raises(ValueError, match=r"random_states_0\.pkl is missing"):
+        RLTrainer(make_config(tiny_model_dir, tmp_path), prompts=PROMPTS).train(resume=checkpoint)

@@ -350,3 +350,19 @@ def test_two_process_sft_resume_after_crash_matches_uninterrupted_run(sft_setup,
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_same_weights(tmp_path / "b" / "model", tmp_path / "a" / "model")
     assert [r["step"] for r in read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("command", ["sft", "rm"])
+def test_rerun_into_a_used_folder_needs_overwrite(command, sft_setup, rm_setup, tmp_path):
+    base, data = sft_setup if command == "sft" else rm_setup
+    make, train = (_sft_config, train_sft) if command == "sft" else (_rm_config, train_reward_model)
+    out = tmp_path / "run"
+    train(make(base, data, out, max_steps=2))
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(make(base, data, out, max_steps=2))
+    stale = out / "checkpoint" / "stale-marker"
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_text("from the earlier run")
+    train(make(base, data, out, max_steps=2, overwrite=True))
+    assert not stale.exists()  # the earlier run's checkpoint went before the new run wrote
+    assert (out / "model").is_dir() and len(read_jsonl(out / "metrics.jsonl")) == 2

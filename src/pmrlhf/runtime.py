@@ -97,10 +97,18 @@ def check_resume_settings(
     return changed
 
 
+def run_length_settings(lr_schedule: str) -> frozenset[str]:
+    """Run-length settings a resume may change: under a constant schedule the length of a run
+    does not move its steps, so a finished run can be continued for more of them."""
+    return frozenset({"max_steps", "epochs"}) if lr_schedule == "constant" else frozenset()
+
+
 def check_finite_weights(accelerator: Any, model: Any, what: str) -> None:
     """Raise :class:`NonFiniteError` unless every weight of ``model`` is finite (all processes)."""
     params = list(model.named_parameters())
-    finite = [torch.isfinite(p).all() for _, p in params]
+    # a sharded parameter (FSDP2's DTensor) is checked on its local shard; the reduce below
+    # then covers every process
+    finite = [torch.isfinite(getattr(p, "to_local", lambda p=p: p)()).all() for _, p in params]
     bad = 0.0 if not finite or bool(torch.stack(finite).all()) else 1.0
     if float(accelerator.reduce(torch.tensor(bad, device=accelerator.device), reduction="sum")):
         names = [name for (name, _), ok in zip(params, finite, strict=True) if not bool(ok)]

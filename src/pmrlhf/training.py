@@ -48,6 +48,7 @@ from pmrlhf.runtime import (
     commit_directory,
     fresh_temp_directory,
     recover_directory,
+    run_length_settings,
 )
 
 __all__ = [
@@ -494,7 +495,7 @@ def read_checkpoint(
     check_resume_settings(
         state.get("config", {}),
         to_dict(config),
-        ignore=RESUMABLE_CHANGES,
+        ignore=RESUMABLE_CHANGES | run_length_settings(config.lr_schedule),
         where=where,
         allow_changes=allow_changes,
     )
@@ -568,13 +569,13 @@ def train_loop(
         collate_fn=collate,
         generator=generator,
     )
-    optimizer = build_optimizer([(model.parameters(), config.lr)], config.weight_decay)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    adamw = build_optimizer([(model.parameters(), config.lr)], config.weight_decay)
+    model, optimizer, loader = accelerator.prepare(model, adamw, loader)
     updates_per_epoch = max(1, math.ceil(len(loader) / config.gradient_accumulation_steps))
     total = config.max_steps or config.epochs * updates_per_epoch
-    scheduler = build_scheduler(
-        getattr(optimizer, "optimizer", optimizer), config.lr_schedule, total, config.warmup_steps
-    )
+    # the schedule drives the AdamW built above: under DeepSpeed the prepared optimizer is
+    # DeepSpeed's own wrapper, which is no torch Optimizer, and it shares these param groups
+    scheduler = build_scheduler(adamw, config.lr_schedule, total, config.warmup_steps)
     step, skip, last_saved = 0, 0, None
     if resume is not None:
         if resume.processes != accelerator.num_processes:

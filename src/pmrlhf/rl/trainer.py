@@ -47,6 +47,7 @@ from pmrlhf.runtime import (
     commit_directory,
     fresh_temp_directory,
     recover_directory,
+    run_length_settings,
     set_seed,
 )
 
@@ -100,8 +101,7 @@ class RLTrainer:
         self.timer = PhaseTimer(self.device)
         set_seed(config.seed)
         policy, critic = self._load_models(reward_fn)
-        optimizer, scheduler = self._build_optimizer(policy, critic)
-        self._prepare(policy, critic, optimizer, scheduler)
+        self._prepare(policy, critic)
         self.prompts = list(prompts) if prompts is not None else self._load_prompts()
         if not self.prompts:
             raise ValueError("no prompts to train on")
@@ -157,29 +157,34 @@ class RLTrainer:
             return c.reward
         return c.policy
 
-    def _build_optimizer(
-        self, policy: torch.nn.Module, critic: torch.nn.Module | None
+    def _optimizer_for(
+        self, model: torch.nn.Module, lr: float
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-        """AdamW over the policy (lr) and critic (critic_lr), and the lr schedule."""
+        """AdamW over one trained model, and its lr schedule."""
         c = self.config
-        groups = [(list(policy.parameters()), c.lr)]
-        if critic is not None:
-            groups.append((list(critic.parameters()), c.critic_lr))
-        optimizer = build_optimizer(groups, c.weight_decay)
+        optimizer = build_optimizer([(list(model.parameters()), lr)], c.weight_decay)
         scheduler = build_scheduler(optimizer, c.lr_schedule, c.max_steps, c.warmup_steps)
         return optimizer, scheduler
 
-    def _prepare(self, policy, critic, optimizer, scheduler) -> None:
-        """Hand the trained models, optimizer and schedule to accelerate (DDP, FSDP, ...)."""
+    def _prepare(self, policy: torch.nn.Module, critic: torch.nn.Module | None) -> None:
+        """Hand each trained model, with its own optimizer and schedule, to accelerate.
+
+        One model per ``prepare`` call and one optimizer per model: FSDP2 wraps only one model
+        per call. The policy trains at ``lr``, the critic at ``critic_lr``; AdamW's update is
+        per parameter, so two optimizers step exactly as one with two groups would.
+        """
+        acc = self.accelerator
+        self.policy, self.optimizer, self.scheduler = acc.prepare(
+            policy, *self._optimizer_for(policy, self.config.lr)
+        )
+        self.critic = self.critic_optimizer = self.critic_scheduler = None
         if critic is not None:
-            self.policy, self.critic, self.optimizer, self.scheduler = self.accelerator.prepare(
-                policy, critic, optimizer, scheduler
+            self.critic, self.critic_optimizer, self.critic_scheduler = acc.prepare(
+                critic, *self._optimizer_for(critic, self.config.critic_lr)
             )
-        else:
-            self.critic = None
-            self.policy, self.optimizer, self.scheduler = self.accelerator.prepare(
-                policy, optimizer, scheduler
-            )
+
+    def _optimizers(self) -> list[Any]:
+        return [o for o in (self.optimizer, self.critic_optimizer) if o is not None]
 
     def _load_prompts(self) -> list[str]:
         from pmrlhf.data import load_prompts
@@ -417,13 +422,16 @@ class RLTrainer:
                     norm = self.accelerator.clip_grad_norm_(self._trainable_parameters(), limit)
                     if norm is not None:
                         self._check_finite("gradient norm", norm)
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    for optimizer in self._optimizers():
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
                 stats["policy_loss"].append(float(policy_loss.detach()))
                 stats["clip_fraction"].append(float(clip_fraction))
                 stats["entropy"].append(float(aggregate(forward.entropy, m, "token-mean")))
         with self.timer.phase("optimizer"):
             self.scheduler.step()
+            if self.critic_scheduler is not None:
+                self.critic_scheduler.step()
         return {key: _mean(values) for key, values in stats.items() if values}
 
     def _check_finite(self, what: str, value: Tensor) -> None:
@@ -532,8 +540,10 @@ class RLTrainer:
             acc.save_state(str(tmp), safe_serialization=True)
         finally:
             shared_tensor_log.setLevel(level)
+        # every process takes part in gathering the weights (sharded under FSDP / ZeRO-3)
+        policy_state = acc.get_state_dict(self.policy)
         if acc.is_main_process:
-            acc.unwrap_model(self.policy).save_pretrained(tmp / "policy")
+            acc.unwrap_model(self.policy).save_pretrained(tmp / "policy", state_dict=policy_state)
             self.tokenizer.save_pretrained(tmp / "policy")
             (tmp / STATE_FILE).write_text(
                 json.dumps(
@@ -585,7 +595,7 @@ class RLTrainer:
         check_resume_settings(
             state.get("config", {}),
             asdict(self.config),
-            ignore=RESUMABLE_CHANGES,
+            ignore=RESUMABLE_CHANGES | run_length_settings(self.config.lr_schedule),
             where=where,
             allow_changes=allow_config_change,
         )
@@ -594,9 +604,10 @@ class RLTrainer:
 
     def save_policy(self, directory: str | Path) -> None:
         check_finite_weights(self.accelerator, self.policy, f"the policy {directory}")
+        state = self.accelerator.get_state_dict(self.policy)  # on every process, see above
         if self.accelerator.is_main_process:
             with atomic_directory(directory) as tmp:
-                self.accelerator.unwrap_model(self.policy).save_pretrained(tmp)
+                self.accelerator.unwrap_model(self.policy).save_pretrained(tmp, state_dict=state)
                 self.tokenizer.save_pretrained(tmp)
         self.accelerator.wait_for_everyone()
 
