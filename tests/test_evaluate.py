@@ -143,3 +143,14 @@ def test_eval_cli_rejects_missing_prompt_file(tiny_model_dir, tmp_path, capsys):
             "--prompts", str(tmp_path / "missing.jsonl")]  # fmt: skip
     assert main(args) == 2
     assert "missing.jsonl" in capsys.readouterr().err
+
+
+def test_eval_with_a_world_refuses_prompts_that_are_not_its_own(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Tell me a joke ."}\n')
+    args = ["eval", "--policy", str(tiny_model_dir), "--reward", REWARD_SPEC, "--prompts", str(prompts),
+            "--world", "default", "--samples", "4", "--max-new-tokens", "3"]  # fmt: skip
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "1 of the 1 prompts" in err and "Tell me a joke ." in err
+    assert "Traceback" not in err

@@ -486,6 +486,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_world_prompts(world: Any, prompts: Sequence[str], option: str, source: str) -> None:
+    """Refuse prompts that are no wording of the world's families: the world's metrics (answer
+    distributions, minority mass, invalid rate) mean nothing for them."""
+    foreign = [prompt for prompt in prompts if not world.knows(prompt)]
+    if foreign:
+        raise ValueError(
+            f"{option}: {len(foreign)} of the {len(prompts)} prompts in {source} are not "
+            f"wordings of that world's families (the first: {foreign[0]!r}); evaluate them "
+            "without --world, or pass the world file the prompts were written from"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from pmrlhf.data import load_prompts
     from pmrlhf.models import load_causal_lm, load_tokenizer
@@ -507,13 +519,6 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = compute_dtype("auto", device)
     tokenizer = load_tokenizer(args.policy, option_name="--policy")
-    policy = load_causal_lm(args.policy, dtype=dtype, device=device, option_name="--policy")
-    ref = (
-        load_causal_lm(args.ref, dtype=dtype, device=device, option_name="--ref")
-        if args.ref
-        else None
-    )
-    reward_fn = load_reward(args.reward, device, dtype)
     prompts = [r.prompt for r in load_prompts(args.prompts, tokenizer)]
     if args.max_prompts is not None:
         prompts = prompts[: args.max_prompts]
@@ -522,6 +527,14 @@ def run(args: argparse.Namespace) -> int:
         from pmrlhf.world import default_world, load_world
 
         world = default_world() if args.world == "default" else load_world(args.world)
+        check_world_prompts(world, prompts, f"--world {args.world}", args.prompts)
+    policy = load_causal_lm(args.policy, dtype=dtype, device=device, option_name="--policy")
+    ref = (
+        load_causal_lm(args.ref, dtype=dtype, device=device, option_name="--ref")
+        if args.ref
+        else None
+    )
+    reward_fn = load_reward(args.reward, device, dtype)
     evaluation = evaluate_policy(
         policy,
         tokenizer,

@@ -534,6 +534,84 @@ def _gradient_norm(accelerator: Any, model: Any, max_grad_norm: float) -> float 
     return None if norm is None else float(norm)
 
 
+@dataclass
+class _Loop:
+    """What :func:`train_loop` trains with, prepared by accelerate."""
+
+    model: Any
+    optimizer: Any
+    loader: Any
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    generator: torch.Generator
+    updates_per_epoch: int
+    total: int
+
+
+def _prepare_loop(
+    config: TrainConfig,
+    accelerator: Any,
+    model: Any,
+    train_examples: Sequence[Any],
+    collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+) -> _Loop:
+    """The shuffled loader, AdamW and lr schedule, prepared with the model."""
+    from torch.utils.data import DataLoader
+
+    generator = torch.Generator().manual_seed(config.seed)
+    loader: Any = DataLoader(
+        list(train_examples),  # type: ignore[arg-type]  # a list is a map-style dataset
+        batch_size=config.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        generator=generator,
+    )
+    adamw = build_optimizer([(model.parameters(), config.lr)], config.weight_decay)
+    model, optimizer, loader = accelerator.prepare(model, adamw, loader)
+    updates_per_epoch = max(1, math.ceil(len(loader) / config.gradient_accumulation_steps))
+    total = config.max_steps or config.epochs * updates_per_epoch
+    # the schedule drives the AdamW built above: under DeepSpeed the prepared optimizer is
+    # DeepSpeed's own wrapper, which is no torch Optimizer, and it shares these param groups
+    scheduler = build_scheduler(adamw, config.lr_schedule, total, config.warmup_steps)
+    return _Loop(model, optimizer, loader, scheduler, generator, updates_per_epoch, total)
+
+
+def _restore(
+    resume: Checkpoint, accelerator: Any, scheduler: Any, generator: torch.Generator
+) -> tuple[int, int, int]:
+    """Load a checkpoint's state; returns (step, micro-batches of its epoch done, step)."""
+    if resume.processes != accelerator.num_processes:
+        raise ValueError(
+            f"--resume {resume.directory}: written by {resume.processes} process(es), "
+            f"resumed on {accelerator.num_processes}; use the same number"
+        )
+    with _quiet_shared_tensor_warning():
+        accelerator.load_state(str(resume.directory))
+    scheduler.load_state_dict(resume.scheduler)
+    generator.set_state(resume.generator_state)
+    return resume.step, resume.epoch_batches, resume.step
+
+
+def _non_finite_stop(
+    config: TrainConfig,
+    what: str,
+    value: float | None,
+    step: int,
+    checkpoint_dir: Path,
+    last_saved: int | None,
+) -> NonFiniteError:
+    """The error that stops a run at ``step``, saying which checkpoint is kept."""
+    kept = (
+        f"the last checkpoint, {checkpoint_dir} (step {last_saved}), is kept"
+        if last_saved is not None
+        else "no checkpoint had been saved (save_every writes one)"
+    )
+    return NonFiniteError(
+        f"training stopped at step {step}: the {what} is {value}; that update was not "
+        f"applied and nothing was saved, {kept}. The learning rate may be too high: try a "
+        f"lower lr (now {config.lr:g})"
+    )
+
+
 def train_loop(
     *,
     config: TrainConfig,
@@ -558,49 +636,20 @@ def train_loop(
 
     A non-finite loss or gradient norm raises :class:`NonFiniteError` before the update.
     """
-    from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    generator = torch.Generator().manual_seed(config.seed)
-    loader: Any = DataLoader(
-        list(train_examples),  # type: ignore[arg-type]  # a list is a map-style dataset
-        batch_size=config.batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        generator=generator,
-    )
-    adamw = build_optimizer([(model.parameters(), config.lr)], config.weight_decay)
-    model, optimizer, loader = accelerator.prepare(model, adamw, loader)
-    updates_per_epoch = max(1, math.ceil(len(loader) / config.gradient_accumulation_steps))
-    total = config.max_steps or config.epochs * updates_per_epoch
-    # the schedule drives the AdamW built above: under DeepSpeed the prepared optimizer is
-    # DeepSpeed's own wrapper, which is no torch Optimizer, and it shares these param groups
-    scheduler = build_scheduler(adamw, config.lr_schedule, total, config.warmup_steps)
+    loop = _prepare_loop(config, accelerator, model, train_examples, collate)
+    model, optimizer, loader, scheduler, generator = (
+        loop.model, loop.optimizer, loop.loader, loop.scheduler, loop.generator
+    )  # fmt: skip
+    updates_per_epoch, total = loop.updates_per_epoch, loop.total
     step, skip, last_saved = 0, 0, None
     if resume is not None:
-        if resume.processes != accelerator.num_processes:
-            raise ValueError(
-                f"--resume {resume.directory}: written by {resume.processes} process(es), "
-                f"resumed on {accelerator.num_processes}; use the same number"
-            )
-        with _quiet_shared_tensor_warning():
-            accelerator.load_state(str(resume.directory))
-        scheduler.load_state_dict(resume.scheduler)
-        generator.set_state(resume.generator_state)
-        step, skip, last_saved = resume.step, resume.epoch_batches, resume.step
+        step, skip, last_saved = _restore(resume, accelerator, scheduler, generator)
     checkpoint_dir = Path(config.output_dir) / CHECKPOINT_DIR
 
     def stop(what: str, value: float | None) -> NonFiniteError:
-        kept = (
-            f"the last checkpoint, {checkpoint_dir} (step {last_saved}), is kept"
-            if last_saved is not None
-            else "no checkpoint had been saved (save_every writes one)"
-        )
-        return NonFiniteError(
-            f"training stopped at step {step + 1}: the {what} is {value}; that update was not "
-            f"applied and nothing was saved, {kept}. The learning rate may be too high: try a "
-            f"lower lr (now {config.lr:g})"
-        )
+        return _non_finite_stop(config, what, value, step + 1, checkpoint_dir, last_saved)
 
     bar = tqdm(
         total=total,

@@ -225,6 +225,10 @@ class World:
         except KeyError:
             raise KeyError(f"prompt {prompt!r} is not a wording of any family") from None
 
+    def knows(self, prompt: str) -> bool:
+        """Whether ``prompt`` is a wording of one of the world's families."""
+        return normalize(prompt) in self._by_prompt
+
     def family_of(self, prompt: str) -> str:
         """The name of the family a prompt wording belongs to (plain text, for reports)."""
         return self.family(prompt).name
