@@ -357,7 +357,6 @@ def _train_args(kind: str, model: Path, data: Path, out: Path, batch_size: int) 
     ]  # fmt: skip
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("kind", ["sft", "rm"])
 def test_two_processes_match_one_process_on_the_same_global_batch(kind, tiny_model_dir, tmp_path):
@@ -394,7 +393,6 @@ def _rl_args(policy: Path, prompts: Path, out: Path, algo: str, reg: str, steps:
     ]  # fmt: skip
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(("algo", "regularizer"), [("rloo", "cpm"), ("ppo", "kl")])
 def test_rl_on_two_processes_with_a_resume_matches_one_process(
@@ -432,7 +430,6 @@ def test_rl_on_two_processes_with_a_resume_matches_one_process(
 # --------------------------------------------------------------------------- FSDP2 equivalence
 # accelerate's own FSDP2 path on 2 CPU processes (tests/scripts/fsdp_on_cpu.py): fully_shard,
 # full state dicts gathered for the saved models, sharded (torch.distributed.checkpoint) states.
-@pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("kind", ["sft", "rm"])
 def test_fsdp2_matches_one_process_on_the_same_global_batch(kind, tiny_model_dir, tmp_path):
@@ -455,7 +452,6 @@ def test_fsdp2_matches_one_process_on_the_same_global_batch(kind, tiny_model_dir
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
 
-@pytest.mark.slow
 @pytest.mark.multiprocess
 @pytest.mark.parametrize(
     ("algo", "regularizer"),
