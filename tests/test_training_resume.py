@@ -27,16 +27,6 @@ SNACKS = ["a crisp apple", "a sweet pear", "a ripe banana", "some sour grapes", 
 QUESTION = "which snack is best ?"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy machine with few cores
-    # the threads' spin-waits make each step many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sft_setup(tmp_path_factory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("sft")
