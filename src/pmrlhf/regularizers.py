@@ -25,6 +25,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -119,28 +120,77 @@ def _upcast(logits: Tensor) -> Tensor:
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
-def _plogp_terms(logits: Tensor, cost: Tensor | None) -> Tensor:
-    """``Σ_v π(v) (log π(v) − cost(v))`` with the terms of zero-probability tokens set to 0."""
+CostFn = Callable[[Tensor], Tensor]
+
+
+def _policy_terms(
+    logits: Tensor, ref_logits: Tensor | None, cost_fn: CostFn | None
+) -> tuple[Tensor, Tensor]:
+    """``π(v)`` and ``log π(v) − cost(v)``, the latter 0 wherever ``π(v) = 0``."""
     logp = torch.log_softmax(logits, dim=-1)
     probs = logp.exp()
-    inner = logp if cost is None else logp - cost
+    inner = logp
+    if cost_fn is not None:
+        assert ref_logits is not None
+        inner = logp - cost_fn(ref_logits)
     # a token with π = 0 contributes 0 (and no gradient), whatever log π or the cost hold there
-    inner = torch.where(probs > 0, inner, torch.zeros((), dtype=inner.dtype, device=inner.device))
-    return (probs * inner).sum(-1)
+    zero = torch.zeros((), dtype=inner.dtype, device=inner.device)
+    return probs, torch.where(probs > 0, inner, zero)
+
+
+class _ExpectedLogRatio(torch.autograd.Function):
+    """``f = Σ_v π(v) (log π(v) − cost(v))`` over the last dimension, ``π = softmax(logits)``.
+
+    The cost comes from the reference logits and carries no gradient. The gradient is
+    ``∂f/∂z_j = π(j) (log π(j) − cost(j) − f)``, computed in one expression; nothing of size
+    ``V`` is kept for the backward pass beyond the two inputs, which are recomputed from.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ref_logits, cost_fn):  # type: ignore[override]
+        probs, inner = _policy_terms(logits, ref_logits, cost_fn)
+        f = (probs * inner).sum(-1)
+        ctx.cost_fn = cost_fn
+        ctx.save_for_backward(logits, ref_logits, f)
+        return f
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_f):  # type: ignore[override]
+        logits, ref_logits, f = ctx.saved_tensors
+        probs, inner = _policy_terms(logits, ref_logits, ctx.cost_fn)
+        grad = probs * (inner - f.unsqueeze(-1)) * grad_f.unsqueeze(-1)
+        return grad, None, None
+
+
+def _expected_log_ratio(
+    logits: Tensor, ref_logits: Tensor | None, cost_fn: CostFn | None
+) -> Tensor:
+    return _ExpectedLogRatio.apply(logits, ref_logits, cost_fn)
+
+
+def _kl_cost(ref_logits: Tensor) -> Tensor:
+    return torch.log_softmax(_upcast(ref_logits), dim=-1)
+
+
+def _cpm_cost(ref_logits: Tensor, alpha: float) -> Tensor:
+    ref_logp = torch.log_softmax(_upcast(ref_logits), dim=-1)
+    log_alpha = torch.tensor(math.log(alpha), dtype=torch.float64).to(ref_logp.dtype)
+    meaningful = ref_logp > log_alpha.to(ref_logp.device)
+    return torch.where(meaningful, torch.zeros((), dtype=ref_logp.dtype), ref_logp)
 
 
 def pm_expected_penalty(logits: Tensor, mask: Tensor) -> Tensor:
     """``f(s) = Σ_v π(v|s) log π(v|s)``, minus the entropy at each state."""
     _check_shapes(logits=logits[..., 0], mask=mask)
-    return _masked(_plogp_terms(logits, None), mask)
+    return _masked(_expected_log_ratio(logits, None, None), mask)
 
 
 def kl_expected_penalty(logits: Tensor, ref_logits: Tensor, mask: Tensor) -> Tensor:
     """``f(s) = Σ_v π(v|s) [log π(v|s) − log π_ref(v|s)]``, the KL to the reference at each state."""
     _check_shapes(logits=logits, ref_logits=ref_logits)
     _check_shapes(logits=logits[..., 0], mask=mask)
-    ref_logp = torch.log_softmax(_upcast(ref_logits), dim=-1)
-    return _masked(_plogp_terms(logits, ref_logp), mask)
+    return _masked(_expected_log_ratio(logits, ref_logits, _kl_cost), mask)
 
 
 def cpm_expected_penalty(logits: Tensor, ref_logits: Tensor, mask: Tensor, alpha: float) -> Tensor:
@@ -153,11 +203,7 @@ def cpm_expected_penalty(logits: Tensor, ref_logits: Tensor, mask: Tensor, alpha
     _check_alpha(alpha)
     _check_shapes(logits=logits, ref_logits=ref_logits)
     _check_shapes(logits=logits[..., 0], mask=mask)
-    ref_logp = torch.log_softmax(_upcast(ref_logits), dim=-1)
-    log_alpha = torch.tensor(math.log(alpha), dtype=torch.float64).to(ref_logp.dtype)
-    meaningful = ref_logp > log_alpha.to(ref_logp.device)
-    cost = torch.where(meaningful, torch.zeros_like(ref_logp), ref_logp)
-    return _masked(_plogp_terms(logits, cost), mask)
+    return _masked(_expected_log_ratio(logits, ref_logits, partial(_cpm_cost, alpha=alpha)), mask)
 
 
 def expected_penalties(
