@@ -279,7 +279,6 @@ def test_full_needs_a_regularizer_that_defines_expected_penalty(tmp_path):
 PROBLEM = make_problem("2,0,-1;0,1,0.5", "0.1,0.3,0.6")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("algo", ["ppo", "rloo", "grpo", "reinforce_pp"])
 @pytest.mark.parametrize("regularizer", ["pm", "kl", "cpm"])
 def test_bandit_converges_to_closed_form_with_full(algo, regularizer):

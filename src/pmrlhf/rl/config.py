@@ -107,7 +107,7 @@ class RLConfig(OptimConfig):
     )
     penalty_estimator: str = option(
         "sampled",
-        help="sampled: −β·p_t of the sampled token as a reward (the paper); full: the penalty's exact expectation over the vocabulary at each visited state, its gradient in the loss and the later states' expectations as rewards (same objective and optimum, lower variance; docs/method.md §8)",
+        help="sampled: −β·p_t of the sampled token as a reward (the paper); full: the penalty's exact expectation over the vocabulary at each visited state, its gradient in the loss and the later states' expectations as rewards (the same objective and optimum; less noise far from the optimum, more near it: docs/method.md §8)",
         choices=list(PENALTY_ESTIMATORS),
     )
     max_steps: int = option(100, help="number of RL steps (one generation batch each)")
