@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pmrlhf.config import add_config_arguments, config_from_args, option, to_dict
+from pmrlhf.regularizers import PENALTY_ESTIMATORS
 from pmrlhf.rl.advantages import ADVANTAGE_ESTIMATORS
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ class DemoConfig:
     penalty_estimator: str = option(
         "sampled",
         help="how the RL runs estimate the penalty's gradient: sampled or full (docs/method.md §8)",
-        choices=["sampled", "full"],
+        choices=list(PENALTY_ESTIMATORS),
     )
     rl_lr: float = option(1e-3, help="RL learning rate")
     prompts_per_step: int = option(8, help="prompts per RL step")

@@ -35,6 +35,7 @@ from torch.utils.checkpoint import checkpoint
 from pmrlhf.theory import cpm_optimal_policy, kl_optimal_policy, pm_optimal_policy
 
 __all__ = [
+    "PENALTY_ESTIMATORS",
     "REGULARIZERS",
     "CPMRegularizer",
     "KLRegularizer",
@@ -52,6 +53,11 @@ __all__ = [
     "register_regularizer",
     "sequence_probs",
 ]
+
+
+#: How a regulariser's penalty enters the policy gradient: the sampled token's penalty as a
+#: reward (docs/method.md §5.1), or its full expectation at each visited state (§8).
+PENALTY_ESTIMATORS = ("sampled", "full")
 
 
 def _check_shapes(**tensors: Tensor | None) -> None:
@@ -147,7 +153,7 @@ class _ExpectedLogRatio(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, ref_logits, cost_fn):  # type: ignore[override]
+    def forward(ctx, logits, ref_logits, cost_fn):
         probs, inner = _policy_terms(logits, ref_logits, cost_fn)
         f = (probs * inner).sum(-1)
         ctx.cost_fn = cost_fn
@@ -156,7 +162,7 @@ class _ExpectedLogRatio(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_f):  # type: ignore[override]
+    def backward(ctx, grad_f):
         logits, ref_logits, f = ctx.saved_tensors
         probs, inner = _policy_terms(logits, ref_logits, ctx.cost_fn)
         grad = probs * (inner - f.unsqueeze(-1)) * grad_f.unsqueeze(-1)

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 
 from pmrlhf.metrics import total_variation
-from pmrlhf.regularizers import REGULARIZERS, make_regularizer
+from pmrlhf.regularizers import PENALTY_ESTIMATORS, REGULARIZERS, make_regularizer
 from pmrlhf.rl.advantages import ADVANTAGE_ESTIMATORS
-from pmrlhf.rl.config import PENALTY_ESTIMATORS, RLConfig
+from pmrlhf.rl.config import RLConfig
 
 # Budgets found to converge to TV ≤ 0.03 for every algorithm × regulariser (see tests).
 DEFAULT_STEPS = 300

@@ -15,12 +15,9 @@ from typing import Any
 
 from pmrlhf.config import option
 from pmrlhf.optim import OptimConfig
-from pmrlhf.regularizers import REGULARIZERS, make_regularizer
+from pmrlhf.regularizers import PENALTY_ESTIMATORS, REGULARIZERS, make_regularizer
 from pmrlhf.rl.advantages import ADVANTAGE_ESTIMATORS
 from pmrlhf.rl.rewards import is_model_reward
-
-#: How the regulariser's penalty enters the gradient (docs/method.md §5.1 and §8).
-PENALTY_ESTIMATORS = ("sampled", "full")
 
 
 def _positive(value: float) -> bool:
