@@ -155,6 +155,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma list of trl, kl, pm (trl drives the loop; without it a plain loop is used)",
     )
     p.add_argument(
+        "--penalty-estimator",
+        choices=["sampled", "full", "both"],
+        default="sampled",
+        help="pmrlhf's penalty estimator (docs/method.md §8); 'both' runs every pmrlhf side "
+        "twice, sampled and full (the '_full' sides), in lock-step, and reports their ratio",
+    )
+    p.add_argument(
         "--trl-gradient-checkpointing",
         action="store_true",
         help="keep TRL's default gradient checkpointing (off by default: pmrlhf does not checkpoint)",
@@ -340,7 +347,13 @@ def now(device: str) -> float:
     return time.perf_counter()
 
 
-def make_pmrlhf(args: argparse.Namespace, model_dir: Path, regularizer: str, out: Path):
+def make_pmrlhf(
+    args: argparse.Namespace,
+    model_dir: Path,
+    regularizer: str,
+    out: Path,
+    penalty_estimator: str = "sampled",
+):
     from accelerate import Accelerator
 
     from pmrlhf.rl.config import RLConfig
@@ -351,6 +364,7 @@ def make_pmrlhf(args: argparse.Namespace, model_dir: Path, regularizer: str, out
         algo="rloo",
         regularizer=regularizer,
         beta=args.beta,
+        penalty_estimator=penalty_estimator,
         max_steps=10**9,  # the constant schedule ignores it; train_step() is driven from here
         prompts_per_step=args.prompts_per_step,
         samples_per_prompt=args.samples_per_prompt,
@@ -570,6 +584,7 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         "warmup_steps": args.warmup,
         "timed_steps": args.steps,
         "sides": args.sides,
+        "penalty_estimator": args.penalty_estimator,
         "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
     }
 
@@ -654,10 +669,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # pmrlhf first: TRL's TrainingArguments resets accelerate's shared state and would
         # otherwise lend its mixed-precision setting to pmrlhf's Accelerator.
+        both = args.penalty_estimator == "both"
+        estimators = ["sampled", "full"] if both else [args.penalty_estimator]
         pm_sides = [
-            PmrlhfSide(f"pmrlhf_{reg}", make_pmrlhf(args, model_dir, reg, tmp_path / reg), args)
+            PmrlhfSide(
+                f"pmrlhf_{reg}{'_full' if both and est == 'full' else ''}",
+                make_pmrlhf(args, model_dir, reg, tmp_path / f"{reg}-{est}", est),
+                args,
+            )
             for reg in ("kl", "pm")
             if reg in args.sides
+            for est in estimators
         ]
         total = args.warmup + args.steps
         print(f"[bench] {len(args.sides)} sides x {total} steps ...", file=sys.stderr)
@@ -712,6 +734,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             result["ratio_pm_over_kl_step_time_paired_median"] = paired_ratio(
                 by_name["pmrlhf_pm"].times, by_name["pmrlhf_kl"].times, args
             )
+        for reg in ("kl", "pm"):
+            full_name = f"pmrlhf_{reg}_full"
+            if f"pmrlhf_{reg}" in by_name and full_name in by_name:
+                result[f"ratio_full_over_sampled_{reg}"] = round(
+                    sides[full_name]["seconds_per_step"]
+                    / sides[f"pmrlhf_{reg}"]["seconds_per_step"],
+                    3,
+                )
+                result[f"ratio_full_over_sampled_{reg}_paired_median"] = paired_ratio(
+                    by_name[full_name].times, by_name[f"pmrlhf_{reg}"].times, args
+                )
         goal: dict[str, Any] = {}
         if args.goal_ratio is not None and "ratio_pmrlhf_over_trl" in result:
             goal["pmrlhf_over_trl_at_least"] = args.goal_ratio

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from pmrlhf.config import add_config_arguments, config_from_args, option, to_dict
+from pmrlhf.regularizers import PENALTY_ESTIMATORS
 from pmrlhf.rl.advantages import ADVANTAGE_ESTIMATORS
 
 if TYPE_CHECKING:
@@ -61,6 +62,11 @@ class DemoConfig:
         choices=ADVANTAGE_ESTIMATORS,
     )
     rl_steps: int = option(300, help="RL steps per method (same budget for kl, pm and cpm)")
+    penalty_estimator: str = option(
+        "sampled",
+        help="how the RL runs estimate the penalty's gradient: sampled or full (docs/method.md §8)",
+        choices=list(PENALTY_ESTIMATORS),
+    )
     rl_lr: float = option(1e-3, help="RL learning rate")
     prompts_per_step: int = option(8, help="prompts per RL step")
     samples_per_prompt: int = option(8, help="responses per prompt per RL step")
@@ -239,6 +245,7 @@ def _train_rl(
         beta=beta,
         alpha=config.cpm_alpha,
         max_steps=config.rl_steps,
+        penalty_estimator=config.penalty_estimator,
         prompts_per_step=config.prompts_per_step,
         samples_per_prompt=config.samples_per_prompt,
         max_new_tokens=config.max_new_tokens,

@@ -25,27 +25,39 @@ import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from pmrlhf.theory import cpm_optimal_policy, kl_optimal_policy, pm_optimal_policy
 
 __all__ = [
+    "PENALTY_ESTIMATORS",
     "REGULARIZERS",
     "CPMRegularizer",
     "KLRegularizer",
     "PMRegularizer",
     "Regularizer",
+    "cpm_expected_penalty",
     "cpm_penalty",
+    "expected_penalties",
+    "kl_expected_penalty",
     "kl_penalty",
     "make_regularizer",
     "meaningful_tokens",
+    "pm_expected_penalty",
     "pm_penalty",
     "register_regularizer",
     "sequence_probs",
 ]
+
+
+#: How a regulariser's penalty enters the policy gradient: the sampled token's penalty as a
+#: reward (docs/method.md §5.1), or its full expectation at each visited state (§8).
+PENALTY_ESTIMATORS = ("sampled", "full")
 
 
 def _check_shapes(**tensors: Tensor | None) -> None:
@@ -102,6 +114,134 @@ def cpm_penalty(logp: Tensor, ref_logp: Tensor, mask: Tensor, alpha: float) -> T
     return _masked(torch.where(meaningful, logp, logp - ref_logp), mask)
 
 
+# --------------------------------------------------------------------------- per-state expectations
+# The full-vocabulary estimator (docs/method.md §8) needs each penalty's expectation over the next
+# token, ``f(s) = Σ_v π(v|s) p(s, v)``, from the logits at each visited state. The functions take
+# (..., V) fp32 logits (``-inf`` on tokens outside an allowed set) and a (...) mask, return (...),
+# and are differentiable in the policy's logits. Tokens with ``π(v|s) = 0`` contribute exactly 0.
+
+
+def _upcast(logits: Tensor) -> Tensor:
+    """At least fp32 (bf16/fp16 reference logits are upcast; fp64 stays fp64)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+CostFn = Callable[[Tensor], Tensor]
+
+
+def _policy_terms(
+    logits: Tensor, ref_logits: Tensor | None, cost_fn: CostFn | None
+) -> tuple[Tensor, Tensor]:
+    """``π(v)`` and ``log π(v) − cost(v)``, the latter 0 wherever ``π(v) = 0``."""
+    logp = torch.log_softmax(logits, dim=-1)
+    probs = logp.exp()
+    inner = logp
+    if cost_fn is not None:
+        assert ref_logits is not None
+        inner = logp - cost_fn(ref_logits)
+    # a token with π = 0 contributes 0 (and no gradient), whatever log π or the cost hold there
+    zero = torch.zeros((), dtype=inner.dtype, device=inner.device)
+    return probs, torch.where(probs > 0, inner, zero)
+
+
+class _ExpectedLogRatio(torch.autograd.Function):
+    """``f = Σ_v π(v) (log π(v) − cost(v))`` over the last dimension, ``π = softmax(logits)``.
+
+    The cost comes from the reference logits and carries no gradient. The gradient is
+    ``∂f/∂z_j = π(j) (log π(j) − cost(j) − f)``, computed in one expression; nothing of size
+    ``V`` is kept for the backward pass beyond the two inputs, which are recomputed from.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, ref_logits, cost_fn):
+        probs, inner = _policy_terms(logits, ref_logits, cost_fn)
+        f = (probs * inner).sum(-1)
+        ctx.cost_fn = cost_fn
+        ctx.save_for_backward(logits, ref_logits, f)
+        return f
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_f):
+        logits, ref_logits, f = ctx.saved_tensors
+        probs, inner = _policy_terms(logits, ref_logits, ctx.cost_fn)
+        grad = probs * (inner - f.unsqueeze(-1)) * grad_f.unsqueeze(-1)
+        return grad, None, None
+
+
+def _expected_log_ratio(
+    logits: Tensor, ref_logits: Tensor | None, cost_fn: CostFn | None
+) -> Tensor:
+    return _ExpectedLogRatio.apply(logits, ref_logits, cost_fn)
+
+
+def _kl_cost(ref_logits: Tensor) -> Tensor:
+    return torch.log_softmax(_upcast(ref_logits), dim=-1)
+
+
+def _cpm_cost(ref_logits: Tensor, alpha: float) -> Tensor:
+    ref_logp = torch.log_softmax(_upcast(ref_logits), dim=-1)
+    log_alpha = torch.tensor(math.log(alpha), dtype=torch.float64).to(ref_logp.dtype)
+    meaningful = ref_logp > log_alpha.to(ref_logp.device)
+    return torch.where(meaningful, torch.zeros((), dtype=ref_logp.dtype), ref_logp)
+
+
+def pm_expected_penalty(logits: Tensor, mask: Tensor) -> Tensor:
+    """``f(s) = Σ_v π(v|s) log π(v|s)``, minus the entropy at each state."""
+    _check_shapes(logits=logits[..., 0], mask=mask)
+    return _masked(_expected_log_ratio(logits, None, None), mask)
+
+
+def kl_expected_penalty(logits: Tensor, ref_logits: Tensor, mask: Tensor) -> Tensor:
+    """``f(s) = Σ_v π(v|s) [log π(v|s) − log π_ref(v|s)]``, the KL to the reference at each state."""
+    _check_shapes(logits=logits, ref_logits=ref_logits)
+    _check_shapes(logits=logits[..., 0], mask=mask)
+    return _masked(_expected_log_ratio(logits, ref_logits, _kl_cost), mask)
+
+
+def cpm_expected_penalty(logits: Tensor, ref_logits: Tensor, mask: Tensor, alpha: float) -> Tensor:
+    """``f(s) = Σ_v π(v|s) [log π(v|s) − 1{π_ref(v|s) ≤ α} log π_ref(v|s)]``.
+
+    The threshold is the one of :func:`meaningful_tokens` applied to the reference
+    log-probabilities (at least fp32, as the trainer computes them): ``log π_ref(v|s) > log α``,
+    with ``log α`` rounded to their dtype.
+    """
+    _check_alpha(alpha)
+    _check_shapes(logits=logits, ref_logits=ref_logits)
+    _check_shapes(logits=logits[..., 0], mask=mask)
+    return _masked(_expected_log_ratio(logits, ref_logits, partial(_cpm_cost, alpha=alpha)), mask)
+
+
+def expected_penalties(
+    regularizer: Regularizer,
+    logits: Tensor,
+    ref_logits: Tensor | None,
+    mask: Tensor,
+    max_elements: int = 1 << 24,
+) -> Tensor:
+    """``f(s_t)`` at every response position of a batch, chunk by chunk over the sequence.
+
+    ``logits``: (B, T, V) policy logits (with their graph when training); ``ref_logits``:
+    (B, T, V) reference logits at the same states, in any dtype (upcast per chunk), or None;
+    ``mask``: (B, T). Each chunk of positions holds at most ``max_elements`` of ``B × t × V``.
+    With gradients on, every chunk is recomputed in the backward pass instead of keeping its
+    softmaxes, so no fp32 ``B × T × V`` intermediate of either model lives beyond one chunk.
+    """
+    B, T, V = logits.shape
+    step = max(1, max_elements // max(1, B * V))
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    parts = []
+    for start in range(0, T, step):
+        piece = slice(start, start + step)
+        ref_piece = None if ref_logits is None else ref_logits[:, piece]
+        args = (logits[:, piece], ref_piece, mask[:, piece])
+        if grad and step < T:
+            parts.append(checkpoint(regularizer.expected_penalty, *args, use_reentrant=False))
+        else:
+            parts.append(regularizer.expected_penalty(*args))
+    return torch.cat(parts, dim=1) if parts else logits.new_zeros(B, 0)
+
+
 def sequence_probs(token_probs: Tensor, token_mask: Tensor | None = None) -> Tensor:
     """``Π_t p_t`` over each response's real tokens: (..., N, T) -> (..., N)."""
     if token_mask is None:
@@ -116,7 +256,8 @@ class Regularizer:
 
     Subclasses are frozen dataclasses; their fields (besides ``beta``) are the regulariser's
     parameters, which :func:`make_regularizer` fills by name. A subclass defines
-    :meth:`penalty` and, for the bandit check, :meth:`optimal_policy`.
+    :meth:`penalty` and, for the bandit check, :meth:`optimal_policy`; to be trained with
+    ``penalty_estimator: full`` it also defines :meth:`expected_penalty`.
     """
 
     beta: float = 1.0
@@ -138,6 +279,24 @@ class Regularizer:
     def token_rewards(self, logp: Tensor, ref_logp: Tensor | None, mask: Tensor) -> Tensor:
         """The shaped per-token reward ``−β p_t`` (sequence reward not included)."""
         return -self.beta * self.penalty(logp, ref_logp, mask)
+
+    def expected_penalty(self, logits: Tensor, ref_logits: Tensor | None, mask: Tensor) -> Tensor:
+        """``f(s) = Σ_v π(v|s) p(s, v)`` at each state, from the full next-token logits.
+
+        ``logits``: (..., V) fp32 policy logits; ``ref_logits``: (..., V) reference logits at the
+        same states (None unless :attr:`needs_ref`); ``mask``: (...). Returns (...), zero where
+        ``mask`` is 0, differentiable in ``logits``. Defining it lets ``penalty_estimator: full``
+        train the regulariser (docs/method.md §8).
+        """
+        raise NotImplementedError(
+            f"the {self.name!r} regulariser defines no expected_penalty, so it cannot be "
+            "trained with penalty_estimator 'full'; use 'sampled'"
+        )
+
+    @classmethod
+    def supports_full_estimator(cls) -> bool:
+        """Whether the class defines :meth:`expected_penalty` (``penalty_estimator: full``)."""
+        return cls.expected_penalty is not Regularizer.expected_penalty
 
     def optimal_policy(
         self, reward: Tensor, ref_token_probs: Tensor, token_mask: Tensor | None = None
@@ -195,6 +354,9 @@ class KLRegularizer(Regularizer):
     def penalty(self, logp: Tensor, ref_logp: Tensor | None, mask: Tensor) -> Tensor:
         return kl_penalty(logp, self._require_ref(ref_logp), mask)
 
+    def expected_penalty(self, logits: Tensor, ref_logits: Tensor | None, mask: Tensor) -> Tensor:
+        return kl_expected_penalty(logits, self._require_ref(ref_logits), mask)
+
     def optimal_policy(
         self, reward: Tensor, ref_token_probs: Tensor, token_mask: Tensor | None = None
     ) -> Tensor:
@@ -210,6 +372,9 @@ class PMRegularizer(Regularizer):
 
     def penalty(self, logp: Tensor, ref_logp: Tensor | None, mask: Tensor) -> Tensor:
         return pm_penalty(logp, mask)
+
+    def expected_penalty(self, logits: Tensor, ref_logits: Tensor | None, mask: Tensor) -> Tensor:
+        return pm_expected_penalty(logits, mask)
 
     def optimal_policy(
         self, reward: Tensor, ref_token_probs: Tensor, token_mask: Tensor | None = None
@@ -234,6 +399,9 @@ class CPMRegularizer(Regularizer):
 
     def penalty(self, logp: Tensor, ref_logp: Tensor | None, mask: Tensor) -> Tensor:
         return cpm_penalty(logp, self._require_ref(ref_logp), mask, self.alpha)
+
+    def expected_penalty(self, logits: Tensor, ref_logits: Tensor | None, mask: Tensor) -> Tensor:
+        return cpm_expected_penalty(logits, self._require_ref(ref_logits), mask, self.alpha)
 
     def optimal_policy(
         self, reward: Tensor, ref_token_probs: Tensor, token_mask: Tensor | None = None

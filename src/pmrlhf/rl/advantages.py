@@ -31,6 +31,19 @@ def add_sequence_reward(token_rewards: Tensor, reward: Tensor, mask: Tensor) -> 
     return out
 
 
+def penalty_to_go_rewards(state_penalty: Tensor, mask: Tensor, beta: float) -> Tensor:
+    """The full estimator's per-token rewards: action ``t`` gets ``−β f(s_{t+1})``.
+
+    ``state_penalty``: (B, T) ``f(s_t)`` at each visited state (detached); ``mask``: (B, T)
+    right-padded response mask. State ``s_{t+1}`` is visited when position ``t+1`` is a response
+    token; the last response token has no later state and gets 0. The state's own ``f(s_t)`` is
+    not in action ``t``'s reward: its gradient is the direct term in the loss (docs/method.md §8).
+    """
+    later = torch.zeros_like(state_penalty)
+    later[..., :-1] = (state_penalty * mask)[..., 1:]
+    return -beta * later * mask
+
+
 def whiten(advantages: Tensor, mask: Tensor) -> Tensor:
     """Advantages minus their masked batch mean, divided by their masked batch std.
 
@@ -144,15 +157,29 @@ EstimatorFn = Callable[
 ]
 
 
+ScaleFn = Callable[[AdvantageSettings], float]
+
+
+def _unit_scale(settings: AdvantageSettings) -> float:
+    return 1.0
+
+
 @dataclass(frozen=True)
 class AdvantageEstimator:
     """A registered estimator: ``fn(token_rewards, mask, values, settings)`` returns
-    ``(advantages, returns)``; ``returns`` are the value targets, None without a critic."""
+    ``(advantages, returns)``; ``returns`` are the value targets, None without a critic.
+
+    ``gradient_scale(settings)`` is the factor by which the estimator's expected policy
+    gradient multiplies the true one (``(k−1)/k`` for GRPO's group mean, 1 otherwise). The full
+    penalty estimator multiplies its direct term by it, so that the two parts keep their
+    proportion and the fixed point stays where it is (docs/method.md §8).
+    """
 
     name: str
     fn: EstimatorFn
     needs_critic: bool = False
     min_group_size: int = 1
+    gradient_scale: ScaleFn = _unit_scale
 
     def __call__(
         self,
@@ -171,16 +198,24 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
 
 
 def register_advantage(
-    name: str, *, needs_critic: bool = False, min_group_size: int = 1
+    name: str,
+    *,
+    needs_critic: bool = False,
+    min_group_size: int = 1,
+    gradient_scale: ScaleFn = _unit_scale,
 ) -> Callable[[EstimatorFn], EstimatorFn]:
     """Function decorator: make ``fn`` the advantage estimator of ``algo: name``.
 
     ``needs_critic`` makes the trainer build and train a value model (PPO);
-    ``min_group_size`` is the smallest ``samples_per_prompt`` the estimator accepts.
+    ``min_group_size`` is the smallest ``samples_per_prompt`` the estimator accepts;
+    ``gradient_scale`` is the factor its expected gradient puts on the true one (see
+    :class:`AdvantageEstimator`).
     """
 
     def register(fn: EstimatorFn) -> EstimatorFn:
-        ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(name, fn, needs_critic, min_group_size)
+        ADVANTAGE_ESTIMATORS[name] = AdvantageEstimator(
+            name, fn, needs_critic, min_group_size, gradient_scale
+        )
         return fn
 
     return register
@@ -204,7 +239,12 @@ def rloo_estimator(
     return broadcast_to_tokens(rloo_advantages(returns, settings.group_size), mask), None
 
 
-@register_advantage("grpo", min_group_size=2)
+def _group_mean_scale(settings: AdvantageSettings) -> float:
+    """``R_i − mean_j R_j = ((k−1)/k)(R_i − mean_{j≠i} R_j)``: RLOO scaled by (k−1)/k."""
+    return (settings.group_size - 1) / settings.group_size
+
+
+@register_advantage("grpo", min_group_size=2, gradient_scale=_group_mean_scale)
 def grpo_estimator(
     token_rewards: Tensor, mask: Tensor, values: Tensor | None, settings: AdvantageSettings
 ) -> tuple[Tensor, Tensor | None]:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from pmrlhf.metrics import total_variation
-from pmrlhf.regularizers import REGULARIZERS, make_regularizer
+from pmrlhf.regularizers import PENALTY_ESTIMATORS, REGULARIZERS, make_regularizer
 from pmrlhf.rl.advantages import ADVANTAGE_ESTIMATORS
 from pmrlhf.rl.config import RLConfig
 
@@ -178,8 +178,15 @@ def run_bandit(
     seed: int = 0,
     work_dir: str | Path | None = None,
     quiet: bool = True,
+    penalty_estimator: str = "sampled",
+    tv_threshold: float | None = None,
 ) -> BanditResult:
-    """Build, fit and train the bandit; return the learned vs closed-form distributions."""
+    """Build, fit and train the bandit; return the learned vs closed-form distributions.
+
+    With ``tv_threshold``, the max TV to the optimum is measured after every step, and
+    ``extra["steps_to_tv"]`` is the first step at which it is ≤ the threshold (None if never),
+    ``extra["tv_history"]`` the whole curve.
+    """
     from pmrlhf.models import build_tiny_model, load_tokenizer
     from pmrlhf.rl.trainer import RLTrainer
 
@@ -212,6 +219,7 @@ def run_bandit(
         output_dir=str(base / "run"),
         quiet=quiet,
         critic_init="policy",
+        penalty_estimator=penalty_estimator,
     )
     answer_ids = _answer_ids(load_tokenizer(str(model_dir)), problem)
     trainer = RLTrainer(
@@ -220,7 +228,17 @@ def run_bandit(
     reference = answer_distribution(
         trainer.accelerator.unwrap_model(trainer.policy), trainer.tokenizer, problem
     )
-    summary = trainer.train()
+    tv_history: list[float] = []
+    on_step = None
+    if tv_threshold is not None:
+        optimum_now = closed_form(problem, reference, regularizer, beta, alpha)
+
+        def on_step(trainer: RLTrainer, metrics: dict[str, float]) -> None:
+            model = trainer.accelerator.unwrap_model(trainer.policy)
+            now = answer_distribution(model, trainer.tokenizer, problem)
+            tv_history.append(float(total_variation(now, optimum_now).max()))
+
+    summary = trainer.train(on_step=on_step)
     learned = answer_distribution(
         trainer.accelerator.unwrap_model(trainer.policy), trainer.tokenizer, problem
     )
@@ -232,8 +250,14 @@ def run_bandit(
         "beta": beta,
         "alpha": getattr(trainer.regularizer, "alpha", None),
         "max_steps": max_steps,
+        "penalty_estimator": penalty_estimator,
         "seconds": summary["seconds"],
     }
+    if tv_threshold is not None:
+        hits = [i + 1 for i, tv_now in enumerate(tv_history) if tv_now <= tv_threshold]
+        extra["tv_threshold"] = tv_threshold
+        extra["steps_to_tv"] = hits[0] if hits else None
+        extra["tv_history"] = tv_history
     if own_dir:
         import shutil
 
@@ -277,6 +301,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=16,
         help="samples per prompt and step (default: 16)",
     )
+    parser.add_argument(
+        "--penalty-estimator",
+        default="sampled",
+        choices=PENALTY_ESTIMATORS,
+        help="sampled (the paper's) or full (exact per-state expectation, docs/method.md §8)",
+    )
+    parser.add_argument(
+        "--tv-threshold",
+        type=float,
+        default=None,
+        help="also report the first step at which the max TV to the optimum is ≤ this",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument(
         "--out", type=Path, default=None, help="keep the models and metrics in this folder"
@@ -318,6 +354,8 @@ def _run(args: argparse.Namespace, problem: BanditProblem) -> BanditResult:
         seed=args.seed,
         work_dir=args.out,
         quiet=not args.progress,
+        penalty_estimator=args.penalty_estimator,
+        tv_threshold=args.tv_threshold,
     )
 
 
@@ -338,3 +376,5 @@ def _print_result(args: argparse.Namespace, problem: BanditProblem, result: Band
     print(
         f"max TV to the closed-form optimum: {float(result.tv.max()):.4f}  ({result.extra['seconds']:.1f} s)"
     )
+    if "steps_to_tv" in result.extra:
+        print(f"first step with max TV ≤ {args.tv_threshold}: {result.extra['steps_to_tv']}")

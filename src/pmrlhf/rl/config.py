@@ -15,7 +15,7 @@ from typing import Any
 
 from pmrlhf.config import option
 from pmrlhf.optim import OptimConfig
-from pmrlhf.regularizers import REGULARIZERS, make_regularizer
+from pmrlhf.regularizers import PENALTY_ESTIMATORS, REGULARIZERS, make_regularizer
 from pmrlhf.rl.advantages import ADVANTAGE_ESTIMATORS
 from pmrlhf.rl.rewards import is_model_reward
 
@@ -102,6 +102,11 @@ class RLConfig(OptimConfig):
         0.1,
         help="cpm threshold α in (0,1): tokens with π_ref > α get the PM term, the rest the KL term",
     )
+    penalty_estimator: str = option(
+        "sampled",
+        help="sampled: −β·p_t of the sampled token as a reward (the paper); full: the penalty's exact expectation over the vocabulary at each visited state, its gradient in the loss and the later states' expectations as rewards (the same objective and optimum; less noise far from the optimum, more near it: docs/method.md §8)",
+        choices=list(PENALTY_ESTIMATORS),
+    )
     max_steps: int = option(100, help="number of RL steps (one generation batch each)")
     prompts_per_step: int = option(8, help="prompts per step and process")
     samples_per_prompt: int = option(
@@ -184,6 +189,17 @@ class RLConfig(OptimConfig):
                 raise ValueError(
                     f"config: {name} must be one of {sorted(registry)}, got {getattr(self, name)!r}"
                 )
+        if self.penalty_estimator not in PENALTY_ESTIMATORS:
+            raise ValueError(
+                f"config: penalty_estimator must be one of {list(PENALTY_ESTIMATORS)}, "
+                f"got {self.penalty_estimator!r}"
+            )
+        regularizer = REGULARIZERS[self.regularizer]
+        if self.penalty_estimator == "full" and not regularizer.supports_full_estimator():
+            raise ValueError(
+                f"config: penalty_estimator 'full' needs the {self.regularizer!r} regulariser "
+                f"to define expected_penalty ({regularizer.__name__} does not); use 'sampled'"
+            )
         for name, ok, requirement in _RANGES:
             value = getattr(self, name)
             if not ok(value):

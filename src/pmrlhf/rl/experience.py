@@ -16,6 +16,9 @@ class PolicyForward:
     logp: Tensor  # (B, T) log-probs of the response tokens
     entropy: Tensor  # (B, T) token entropies (no graph)
     values: Tensor | None  # (B, T) critic values, when there is a critic
+    #: (B, T) ``f(s_t)``, the penalty's expectation at each visited state, with its graph
+    #: (``penalty_estimator: full`` only; docs/method.md §8)
+    state_penalty: Tensor | None = None
 
 
 @dataclass
@@ -39,6 +42,11 @@ class Experience:
     penalty: Tensor  # (B, T) the regulariser's per-token penalty p_t
     advantages: Tensor  # (B, T)
     returns: Tensor | None  # (B, T) value targets; None without a critic
+    #: ``penalty_estimator: full``: (B, T) detached ``f(s_t)`` under the sampling policy
+    state_penalty: Tensor | None = None
+    #: ``penalty_estimator: full`` with a reference and several passes: (B, T, V) reference
+    #: logits at the visited states, to recompute ``f`` with the graph in each minibatch
+    ref_logits: Tensor | None = None
     #: One-pass mode only (see ``RLTrainer._score_with_rollout_policy``): the forward, with its
     #: graph, whose detached outputs are ``old_logp``/``old_values``; ``update`` differentiates
     #: it instead of running the policy again. None otherwise.

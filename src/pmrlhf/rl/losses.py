@@ -43,3 +43,15 @@ def clipped_value_loss(
     clipped = old_values + torch.clamp(values - old_values, -clip, clip)
     loss = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
     return 0.5 * (loss * mask).sum() / mask.sum().clamp_min(1)
+
+
+def expected_penalty_loss(
+    state_penalty: Tensor, mask: Tensor, beta: float, aggregation: str
+) -> Tensor:
+    """``+β Σ_t f_θ(s_t)``, reduced like the policy loss: the direct term of the full estimator.
+
+    ``state_penalty`` holds ``f_θ(s_t)`` at the visited states with its graph; its gradient is
+    the exact gradient of the penalty's expectation at each state (docs/method.md §8). It is not
+    a ratio-weighted surrogate, so PPO's clip does not apply to it.
+    """
+    return beta * aggregate(state_penalty, mask, aggregation)

@@ -213,6 +213,61 @@ def restrict_logits(logits: Tensor, allowed: Tensor) -> Tensor:
     return logits.masked_fill(~keep, float("-inf"))
 
 
+def response_logits(
+    model,
+    sequences: Tensor,
+    attention_mask: Tensor,
+    prompt_length: int,
+    allowed_token_ids: list[int] | None = None,
+    upcast: bool = True,
+) -> Tensor:
+    """The logits that predict the response tokens, (B, T, V): one forward of ``model``.
+
+    Only these ``B × T × V`` logits are materialised, not ``B × (P+T) × V``. ``upcast`` makes
+    them fp32; otherwise they stay in the model's dtype. With ``allowed_token_ids`` the other
+    tokens get ``-inf``.
+    """
+    outputs = model(
+        input_ids=sequences,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        logits_to_keep=sequences.shape[1] - prompt_length + 1,
+    )
+    logits = outputs.logits[:, :-1]
+    if upcast:
+        logits = logits.float()
+    if allowed_token_ids is not None:
+        logits = restrict_logits(logits, torch.tensor(allowed_token_ids, device=logits.device))
+    return logits
+
+
+def logprobs_from_logits(
+    logits: Tensor,
+    sequences: Tensor,
+    attention_mask: Tensor,
+    prompt_length: int,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Full-softmax log-probs (and entropies) of the response tokens from :func:`response_logits`.
+
+    Computed in fp32 whatever the logits' dtype. Padding positions hold 0 (see
+    :func:`token_logprobs`).
+    """
+    logits = logits.float()
+    targets = sequences[:, prompt_length:]
+    valid = attention_mask[:, prompt_length:].bool()
+    log_norm = torch.logsumexp(logits, dim=-1)
+    picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(valid, picked - log_norm, 0.0)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            # -inf logits (a restricted token set) are made finite first; a no-op otherwise
+            entropy = torch.where(valid, _entropy(logits, log_norm, restricted=True), 0.0)
+    return logp, entropy
+
+
 def token_logprobs(
     model,
     sequences: Tensor,
@@ -230,27 +285,8 @@ def token_logprobs(
     never ``-inf``: with ``allowed_token_ids`` the pad token is outside the allowed set, and an
     infinite value there would turn into NaN in any later ``exp(a - b) * mask``.
     """
-    outputs = model(
-        input_ids=sequences,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-        logits_to_keep=sequences.shape[1] - prompt_length + 1,
-    )
-    logits = outputs.logits[:, :-1].float()
-    if allowed_token_ids is not None:
-        logits = restrict_logits(logits, torch.tensor(allowed_token_ids, device=logits.device))
-    targets = sequences[:, prompt_length:]
-    valid = attention_mask[:, prompt_length:].bool()
-    log_norm = torch.logsumexp(logits, dim=-1)
-    picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
-    logp = torch.where(valid, picked - log_norm, 0.0)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            restricted = allowed_token_ids is not None
-            entropy = torch.where(valid, _entropy(logits, log_norm, restricted), 0.0)
-    return logp, entropy
+    logits = response_logits(model, sequences, attention_mask, prompt_length, allowed_token_ids)
+    return logprobs_from_logits(logits, sequences, attention_mask, prompt_length, with_entropy)
 
 
 def _entropy(logits: Tensor, log_norm: Tensor, restricted: bool) -> Tensor:

@@ -23,18 +23,31 @@ import torch
 from torch import Tensor
 
 from pmrlhf.optim import build_optimizer, build_scheduler, compute_dtype, mixed_precision
-from pmrlhf.regularizers import make_regularizer
+from pmrlhf.regularizers import expected_penalties, make_regularizer
 from pmrlhf.rl.advantages import (
     ADVANTAGE_ESTIMATORS,
     AdvantageSettings,
     add_sequence_reward,
+    penalty_to_go_rewards,
     whiten,
 )
 from pmrlhf.rl.config import RLConfig
 from pmrlhf.rl.experience import Experience, PolicyForward
-from pmrlhf.rl.losses import aggregate, clipped_policy_loss, clipped_value_loss
+from pmrlhf.rl.losses import (
+    aggregate,
+    clipped_policy_loss,
+    clipped_value_loss,
+    expected_penalty_loss,
+)
 from pmrlhf.rl.rewards import CallableReward, RewardFn, is_model_reward, load_reward
-from pmrlhf.rl.rollout import Rollout, ValueModel, generate, token_logprobs
+from pmrlhf.rl.rollout import (
+    Rollout,
+    ValueModel,
+    generate,
+    logprobs_from_logits,
+    response_logits,
+    token_logprobs,
+)
 from pmrlhf.rl.timing import PHASES, PhaseTimer, phase_postfix
 from pmrlhf.runtime import (
     JsonlLogger,
@@ -97,7 +110,13 @@ class RLTrainer:
         self.allowed_token_ids = allowed_token_ids
         self._rollout_copy: Any = None
         self.regularizer = make_regularizer(config.regularizer, config.beta, config.alpha)
+        #: the full-vocabulary penalty estimator (docs/method.md §8) instead of the sampled one
+        self.full_penalty = config.penalty_estimator == "full"
         self.estimator = ADVANTAGE_ESTIMATORS[config.algo]
+        # the full estimator's direct term, scaled like the estimator's policy gradient (§8)
+        self._direct_scale = self.estimator.gradient_scale(
+            AdvantageSettings(config.samples_per_prompt, config.gamma, config.lam)
+        )
         self.timer = PhaseTimer(self.device)
         set_seed(config.seed)
         policy, critic = self._load_models(reward_fn)
@@ -269,28 +288,50 @@ class RLTrainer:
         return self.config.ppo_epochs == 1 and self.config.minibatches == 1
 
     def _forward(
-        self, sequences: Tensor, attention_mask: Tensor, prompt_length: int
+        self,
+        sequences: Tensor,
+        attention_mask: Tensor,
+        prompt_length: int,
+        ref_logits: Tensor | None = None,
+        with_entropy: bool = True,
     ) -> PolicyForward:
-        """Policy log-probs and entropies (and critic values), with the autograd graph."""
+        """Policy log-probs and entropies (and critic values), with the autograd graph.
+
+        With ``penalty_estimator: full`` it also computes ``f(s_t)`` at every visited state from
+        the same logits (and ``ref_logits``, the reference's at the same states, when the
+        regulariser needs them), chunk by chunk over the sequence.
+        """
         with self.timer.phase("policy_forward"):
-            logp, entropy = token_logprobs(
+            logits = response_logits(
                 self.policy,
                 sequences,
                 attention_mask,
                 prompt_length,
-                with_entropy=True,
                 allowed_token_ids=self.allowed_token_ids,
             )
+            logp, entropy = logprobs_from_logits(
+                logits, sequences, attention_mask, prompt_length, with_entropy=with_entropy
+            )
+            state_penalty = None
+            if self.full_penalty:
+                mask = attention_mask[:, prompt_length:]
+                state_penalty = expected_penalties(self.regularizer, logits, ref_logits, mask)
+            del logits
         values = None
         if self.critic is not None:
             with self.timer.phase("critic"):
                 values = self.critic(sequences, attention_mask, prompt_length)
-        assert entropy is not None  # with_entropy=True
-        return PolicyForward(logp, entropy, values)
+        if entropy is None:
+            entropy = torch.zeros_like(logp)
+        return PolicyForward(logp, entropy, values, state_penalty)
 
     def _score_with_rollout_policy(
-        self, sequences: Tensor, attention_mask: Tensor, prompt_length: int
-    ) -> tuple[Tensor, Tensor | None, PolicyForward | None]:
+        self,
+        sequences: Tensor,
+        attention_mask: Tensor,
+        prompt_length: int,
+        ref_logits: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None, Tensor | None, PolicyForward | None]:
         """Old log-probs and values: the sampling policy's scores of its own samples.
 
         This is the one place of the one-pass shortcut. With one epoch over one minibatch
@@ -299,32 +340,30 @@ class RLTrainer:
         outputs are the old log-probs and values: one policy forward per step, not two. It is
         returned so that the experience carries it to :meth:`update`. Otherwise a separate
         no-grad forward scores the batch and nothing is carried.
+
+        Returns ``(old_logp, old_values, old_state_penalty, forward)``; the third is ``f(s_t)``
+        under the sampling policy with ``penalty_estimator: full``, else None.
         """
         if self.one_pass:
-            forward = self._forward(sequences, attention_mask, prompt_length)
+            forward = self._forward(sequences, attention_mask, prompt_length, ref_logits)
             values = forward.values.detach() if forward.values is not None else None
-            return forward.logp.detach(), values, forward
+            state_penalty = forward.state_penalty
+            old_f = state_penalty.detach() if state_penalty is not None else None
+            return forward.logp.detach(), values, old_f, forward
         with torch.no_grad():
-            with self.timer.phase("policy_forward"):
-                logp = token_logprobs(
-                    self.policy,
-                    sequences,
-                    attention_mask,
-                    prompt_length,
-                    allowed_token_ids=self.allowed_token_ids,
-                )[0]
-            values = None
-            if self.critic is not None:
-                with self.timer.phase("critic"):
-                    values = self.critic(sequences, attention_mask, prompt_length)
-        return logp, values, None
+            forward = self._forward(
+                sequences, attention_mask, prompt_length, ref_logits, with_entropy=False
+            )
+        return forward.logp, forward.values, forward.state_penalty, None
 
     def make_experience(self, prompts: list[str]) -> Experience:
         """Sample responses to ``prompts`` and score them: rewards, log-probs, advantages.
 
         The shaped per-token rewards are the regulariser's ``−β p_t`` plus the sequence reward
         at the last response token, computed from the detached log-probs of the sampling policy
-        (the sampled estimator of docs/method.md §5); the configured estimator turns them into advantages.
+        (the sampled estimator of docs/method.md §5). With ``penalty_estimator: full`` they are
+        ``−β f(s_{t+1})``, the expected penalty of the state each action leads to, plus the
+        sequence reward (docs/method.md §8). The configured estimator turns them into advantages.
         """
         c = self.config
         with self.timer.phase("generate"):
@@ -340,18 +379,28 @@ class RLTrainer:
                     if c.reward_clip is None
                     else raw_reward.clamp(-c.reward_clip, c.reward_clip)
                 )
-            ref_logp = None
+            ref_logp = ref_logits = None
             if self.ref is not None:
                 with self.timer.phase("reference"):
-                    ref_logp = token_logprobs(
-                        self.ref, seq, attn, P, allowed_token_ids=self.allowed_token_ids
-                    )[0]
-        old_logp, old_values, first_forward = self._score_with_rollout_policy(seq, attn, P)
+                    if self.full_penalty:  # f needs the reference's whole next-token logits
+                        ref_logits = response_logits(
+                            self.ref, seq, attn, P, self.allowed_token_ids, upcast=False
+                        )
+                        ref_logp = logprobs_from_logits(ref_logits, seq, attn, P)[0]
+                    else:
+                        ref_logp = token_logprobs(
+                            self.ref, seq, attn, P, allowed_token_ids=self.allowed_token_ids
+                        )[0]
+        old_logp, old_values, old_f, first_forward = self._score_with_rollout_policy(
+            seq, attn, P, ref_logits
+        )
         with torch.no_grad():
             penalty = self.regularizer.penalty(old_logp, ref_logp, mask)
-            token_rewards = add_sequence_reward(
-                self.regularizer.token_rewards(old_logp, ref_logp, mask), reward, mask
-            )
+            if old_f is not None:
+                shaped = penalty_to_go_rewards(old_f, mask, self.regularizer.beta)
+            else:
+                shaped = self.regularizer.token_rewards(old_logp, ref_logp, mask)
+            token_rewards = add_sequence_reward(shaped, reward, mask)
             settings = AdvantageSettings(c.samples_per_prompt, c.gamma, c.lam)
             advantages, returns = self.estimator(token_rewards, mask, old_values, settings)
             if c.normalize_advantages:
@@ -370,6 +419,9 @@ class RLTrainer:
             penalty=penalty,
             advantages=advantages,
             returns=returns,
+            state_penalty=old_f,
+            # kept only when a later minibatch forward has to recompute f with its graph
+            ref_logits=ref_logits if first_forward is None else None,
             first_forward=first_forward,
         )
 
@@ -379,8 +431,12 @@ class RLTrainer:
         if experience.first_forward is not None:  # see _score_with_rollout_policy
             forward, experience.first_forward = experience.first_forward, None
             return forward
+        ref_logits = experience.ref_logits
         return self._forward(
-            experience.sequences[idx], experience.attention_mask[idx], experience.prompt_length
+            experience.sequences[idx],
+            experience.attention_mask[idx],
+            experience.prompt_length,
+            ref_logits[idx] if ref_logits is not None else None,
         )
 
     def update(self, experience: Experience) -> dict[str, float]:
@@ -409,6 +465,12 @@ class RLTrainer:
                     c.loss_aggregation,
                 )
                 loss = policy_loss
+                if forward.state_penalty is not None:
+                    # the direct term of the full estimator: the exact gradient of f at each
+                    # visited state, outside the ratio clip (docs/method.md §8)
+                    loss = loss + self._direct_scale * expected_penalty_loss(
+                        forward.state_penalty, m, self.regularizer.beta, c.loss_aggregation
+                    )
                 if forward.values is not None:
                     value_loss = self._value_loss(forward.values, experience, idx)
                     loss = loss + c.value_coef * value_loss
@@ -486,6 +548,9 @@ class RLTrainer:
             "step_seconds": seconds,
             "samples_per_second": experience.sequences.shape[0] / seconds,
         }
+        if experience.state_penalty is not None:
+            expected = (experience.state_penalty * mask).sum(-1).mean()
+            metrics["expected_penalty_mean"] = float(expected)
         if experience.ref_logp is not None:
             kl = ((old_logp - experience.ref_logp) * mask).sum(-1).mean()
             metrics["kl_to_ref"] = float(kl)
@@ -617,11 +682,13 @@ class RLTrainer:
         resume: str | Path | None = None,
         print_summary: bool = True,
         allow_config_change: bool = False,
+        on_step: Callable[[RLTrainer, dict[str, float]], None] | None = None,
     ) -> dict[str, Any]:
         """Run to ``max_steps``; ``resume`` continues exactly from a checkpoint folder.
 
         The output folder is locked for the run, and a folder that holds another run is refused
-        unless ``resume`` or the ``overwrite`` setting is given.
+        unless ``resume`` or the ``overwrite`` setting is given. ``on_step(trainer, metrics)``
+        is called after every step (the bandit records its distance to the optimum with it).
         """
         c = self.config
         claim = claim_output_dir_on_main(
@@ -634,12 +701,19 @@ class RLTrainer:
         try:
             if resume is not None:
                 self.load_checkpoint(resume, allow_config_change)
-            return self._train(resumed=resume is not None, print_summary=print_summary)
+            return self._train(
+                resumed=resume is not None, print_summary=print_summary, on_step=on_step
+            )
         finally:
             if claim is not None:
                 claim.release()
 
-    def _train(self, resumed: bool, print_summary: bool) -> dict[str, Any]:
+    def _train(
+        self,
+        resumed: bool,
+        print_summary: bool,
+        on_step: Callable[[RLTrainer, dict[str, float]], None] | None = None,
+    ) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         c = self.config
@@ -661,6 +735,8 @@ class RLTrainer:
             metrics = self.train_step()
             history.append(metrics)
             logger.log(metrics)
+            if on_step is not None:
+                on_step(self, metrics)
             if board is not None:
                 for key, value in metrics.items():
                     board.add_scalar(f"rl/{key}", value, self.step)
