@@ -371,3 +371,42 @@ def test_cpm_reward_uses_the_strict_threshold_of_the_closed_form():
     torch.testing.assert_close(reward, expected)
     torch.testing.assert_close(expected, -2.0 * torch.tensor([math.log(0.25 * 0.01),
                                                               math.log(0.25)], dtype=torch.float64))  # fmt: skip
+
+
+def test_demo_table_and_report_show_the_offline_rows(tmp_path):
+    from pmrlhf.evaluate import AnswerDistribution
+    from pmrlhf.report import DemoResults, format_table, write_report
+
+    row = {"tv_to_target": 0.25, "pmd": 0.5, "invalid_rate": 0.0, "target_minority_mass": 0.4,
+           "minority_mass": 0.3}  # fmt: skip
+    results = DemoResults(
+        methods={"kl": row, "cpm": row, "dpo": {**row, "invalid_rate": 0.7}, "cpm-dpo": row},
+        pmd_improvement={"cpm": 0.5, "cpm-dpo over dpo": 0.9}, seconds=3.0, version="0.0",
+        alpha_summary="cpm α=0.05: example", seed=0, rl_algo="rloo", rl_steps=10,
+        prompts_per_step=2, samples_per_prompt=4, eval_samples=50, kl_beta=0.1, pm_beta=1.0,
+        cpm_beta=1.0, cpm_alpha=0.05, dpo_beta=0.1, offline_beta=1.0, offline_steps=30,
+        offline_sft_weight=0.5,
+    )  # fmt: skip
+    table = format_table(results)
+    lines = table.splitlines()
+    assert [line.split()[0] for line in lines[1:5]] == ["kl", "cpm", "dpo", "cpm-dpo"]
+    assert "PMD improvement over kl: cpm +50%" in table
+    assert "PMD improvement over dpo: cpm-dpo +90%" in table
+    dist = AnswerDistribution("q", "season", ["a", "b"], [0.5, 0.3, 0.2], [0.6, 0.4, 0.0],
+                              [0.55, 0.45, 0.0])  # fmt: skip
+    write_report(results, {m: [dist] for m in results.methods}, {}, tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "**dpo (β=0.1, offline)** trains `pmrlhf dpo` for 30" in report
+    assert (
+        "invalid rate 0.700" in report and "**cpm-dpo (β=1.0, sft_weight=0.5, offline)**" in report
+    )
+
+
+def test_example_config_is_valid():
+    import yaml
+
+    from pmrlhf.config import load_config
+
+    path = Path(__file__).parents[1] / "configs" / "dpo_example.yaml"
+    config = load_config(OfflineConfig, yaml.safe_load(path.read_text()), source=str(path))
+    assert config.loss == "cpm" and config.beta == 1.0 and config.subset == "rm"
