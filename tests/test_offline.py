@@ -135,17 +135,21 @@ def test_listwise_loss_has_the_same_fixed_point():
 
 
 # --------------------------------------------------------------------------- the trainer
-@pytest.fixture(scope="module")
-def colour_setup(tmp_path_factory) -> tuple[Path, Path]:
-    """A tiny model whose answers are one word each, and BTL pairs over them."""
-    folder = tmp_path_factory.mktemp("offline")
-    base = build_tiny_model(folder / "base", [QUESTION, *ANSWERS], seed=0, hidden_size=32)
-    winner, loser = _btl_pairs(20_000, REWARD, seed=2)
-    with (folder / "pairs.jsonl").open("w") as f:
+def _write_pairs(path: Path, n: int) -> Path:
+    winner, loser = _btl_pairs(n, REWARD, seed=2)
+    with path.open("w") as f:
         for w, lo in zip(winner.tolist(), loser.tolist()):
             row = {"prompt": QUESTION, "chosen": ANSWERS[w], "rejected": ANSWERS[lo]}
             f.write(json.dumps(row) + "\n")
-    return base, folder / "pairs.jsonl"
+    return path
+
+
+@pytest.fixture(scope="module")
+def colour_setup(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny model whose answers are one word each, and 200 BTL pairs over them."""
+    folder = tmp_path_factory.mktemp("offline")
+    base = build_tiny_model(folder / "base", [QUESTION, *ANSWERS], seed=0, hidden_size=32)
+    return base, _write_pairs(folder / "pairs.jsonl", 200)
 
 
 def _config(base: Path, data: Path, out: Path, **overrides: Any) -> OfflineConfig:
@@ -178,7 +182,8 @@ def _answer_probs(model_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
 def test_trainer_reaches_the_closed_form_on_one_token_answers(loss, colour_setup, tmp_path):
     """The real trainer on a tiny LM: the answers' sequence probabilities, renormalised over
     the K answers, reach each loss's closed form (the loss only fixes their ratios)."""
-    base, data = colour_setup
+    base, _ = colour_setup
+    data = _write_pairs(tmp_path / "pairs.jsonl", 20_000)  # enough for 0.02 in TV
     beta = 1.0
     ref_tokens, ref_seq = _answer_probs(base)
     alpha = float(ref_tokens[:, 0].sort().values[1:3].mean())  # some answers below it
@@ -281,6 +286,35 @@ def test_lora_listwise_resume_through_the_cli(colour_setup, tmp_path, monkeypatc
     assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] == 1
     resumed = [*common, "--output-dir", str(tmp_path / "c"), "--resume", str(checkpoint)]
     assert main(resumed) == 0
+    _assert_same_weights(tmp_path / "a" / "model", tmp_path / "c" / "model")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_process_run_resumes_exactly(colour_setup, tmp_path):
+    """Two processes (gloo on the CPU), dpo with its cached reference: a run resumed from the
+    step-2 checkpoint of another ends with the weights of the uninterrupted one."""
+    import subprocess
+
+    from conftest import two_process_launch
+
+    base, data = colour_setup
+
+    def launch(out: Path, *extra: str) -> None:
+        command, env = two_process_launch(
+            "-m", "pmrlhf", "dpo", "--model", str(base), "--data", str(data), "--loss", "dpo",
+            "--output-dir", str(out), "--max-steps", "3", "--batch-size", "8", "--lr", "3e-3",
+            "--eval-fraction", "0.1", "--quiet", "true", *extra,
+        )  # fmt: skip
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    launch(tmp_path / "a")
+    launch(tmp_path / "b", "--save-every", "2")
+    checkpoint = tmp_path / "b" / "checkpoint"
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert (state["step"], state["processes"]) == (2, 2)
+    launch(tmp_path / "c", "--resume", str(checkpoint))
     _assert_same_weights(tmp_path / "a" / "model", tmp_path / "c" / "model")
 
 
