@@ -5,8 +5,10 @@ drawn from a hidden Bradley–Terry–Luce reward) is written as ordinary datase
 usual pipeline runs on them: a tiny Llama is built locally, supervised-fine-tuned, a reward
 model is trained on the annotators' rankings, and RL is run three times with the same budget
 and seed — kl (β=0.1, the paper's baseline), pm (β=1) and cpm (β=1, threshold α). Each policy
-is evaluated on held-out prompts: answer distribution against the reward model's target
-softmax(r), minority mass, invalid rate, mean reward and the paper's PMD.
+is evaluated on held-out prompts, as are two offline policies trained by `pmrlhf dpo` on the
+reward model's rankings from the SFT model, dpo (β=0.1) and cpm-dpo (β=1, with an SFT term):
+answer distribution against the reward model's target softmax(r), minority mass, invalid rate,
+mean reward and the paper's PMD.
 
 Writes metrics.json, plots and report.md to --out.
 """
