@@ -28,19 +28,19 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     args = ["demo", "--out", str(out), "--quiet", "true", "--n-sft", "800", "--n-rankings", "1200",
             "--sft-steps", "200", "--rm-steps", "150", "--rl-steps", "150", "--rl-lr", "2e-3",
-            "--eval-samples", "200"]  # fmt: skip
+            "--offline-steps", "150", "--eval-samples", "200"]  # fmt: skip
     assert main(args) == 0
     return out, json.loads((out / "metrics.json").read_text())
 
 
 def test_metrics_schema(demo_run):
     _, metrics = demo_run
-    assert set(metrics["methods"]) == {"sft", "kl", "pm", "cpm"}
+    assert set(metrics["methods"]) == {"sft", "kl", "pm", "cpm", "dpo", "cpm-dpo"}
     for row in metrics["methods"].values():
         assert set(row) >= METRIC_KEYS
         assert all(isinstance(row[k], float) for k in METRIC_KEYS)
         assert 0.0 <= row["invalid_rate"] <= 1.0 and 0.0 <= row["tv_to_target"] <= 1.0
-    assert set(metrics["pmd_improvement"]) == {"pm", "cpm"}
+    assert set(metrics["pmd_improvement"]) == {"pm", "cpm", "cpm-dpo over dpo"}
     assert isinstance(metrics["seconds"], float) and metrics["seconds"] > 0
     alpha = metrics["cpm_alpha_check"]
     assert set(alpha) == {"alpha", "lowest_valid_token_probability", "invalid_samples",
@@ -85,6 +85,11 @@ def test_direction_of_effects(demo_run):
     )
     assert m["cpm"]["invalid_rate"] <= m["sft"]["invalid_rate"] + 0.02
     assert metrics["pmd_improvement"]["cpm"] > 0
+    # offline: dpo collapses like kl, cpm-dpo matches the target and stays valid
+    assert m["dpo"]["minority_mass"] < 0.5 * m["dpo"]["target_minority_mass"]
+    assert m["cpm-dpo"]["tv_to_target"] < min(m["dpo"]["tv_to_target"], m["sft"]["tv_to_target"])
+    assert m["cpm-dpo"]["invalid_rate"] < m["dpo"]["invalid_rate"]
+    assert metrics["pmd_improvement"]["cpm-dpo over dpo"] > 0.5
 
 
 def results(**methods) -> DemoResults:

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rl": ("pmrlhf.rl.cli", "RL fine-tuning (PPO, RLOO, GRPO, REINFORCE++) with kl/pm/cpm"),
     "sft": ("pmrlhf.sft", "supervised fine-tuning of a causal LM"),
     "rm": ("pmrlhf.reward", "reward-model training (BTL pairwise, Plackett-Luce listwise)"),
+    "dpo": ("pmrlhf.offline", "offline preference training: DPO and its PM/cPM counterparts"),
     "score": ("pmrlhf.score", "score every response of a dataset with a reward model"),
     "eval": ("pmrlhf.evaluate", "PMD, reward, KL, entropy and diversity of a trained policy"),
 }

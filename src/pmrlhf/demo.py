@@ -5,8 +5,10 @@ drawn from a hidden Bradley–Terry–Luce reward) is written as ordinary datase
 usual pipeline runs on them: a tiny Llama is built locally, supervised-fine-tuned, a reward
 model is trained on the annotators' rankings, and RL is run three times with the same budget
 and seed — kl (β=0.1, the paper's baseline), pm (β=1) and cpm (β=1, threshold α). Each policy
-is evaluated on held-out prompts: answer distribution against the reward model's target
-softmax(r), minority mass, invalid rate, mean reward and the paper's PMD.
+is evaluated on held-out prompts, as are two offline policies trained by `pmrlhf dpo` on the
+reward model's rankings from the SFT model, dpo (β=0.1) and cpm-dpo (β=1, with an SFT term):
+answer distribution against the reward model's target softmax(r), minority mass, invalid rate,
+mean reward and the paper's PMD.
 
 Writes metrics.json, plots and report.md to --out.
 """
@@ -31,7 +33,10 @@ if TYPE_CHECKING:
     from pmrlhf.evaluate import AlphaEvidence, Evaluation
     from pmrlhf.rl.rewards import RewardFn
 
-METHODS = ("sft", "kl", "pm", "cpm")
+METHODS = ("sft", "kl", "pm", "cpm", "dpo", "pm-dpo", "cpm-dpo")
+DEFAULT_METHODS = ("sft", "kl", "pm", "cpm", "dpo", "cpm-dpo")
+# offline rows: demo method -> the loss of `pmrlhf dpo` it trains with
+OFFLINE_METHODS = {"dpo": "dpo", "pm-dpo": "pm", "cpm-dpo": "cpm"}
 
 
 @dataclass
@@ -78,10 +83,23 @@ class DemoConfig:
         help="cpm threshold α: below the SFT model's probability of every valid-answer token, above that of its typical slips",
     )
     max_new_tokens: int = option(12, help="maximum response length")
+    # offline (`pmrlhf dpo` on the reward model's rankings, from the SFT model)
+    offline_steps: int = option(300, help="optimizer steps of each offline run (dpo, cpm-dpo)")
+    offline_lr: float = option(1e-3, help="learning rate of the offline runs")
+    dpo_beta: float = option(0.1, help="β of the offline dpo row")
+    pm_dpo_beta: float = option(1.0, help="β of the offline pm-dpo row (1: preference matching)")
+    cpm_dpo_beta: float = option(1.0, help="β of the offline cpm-dpo row (1: preference matching)")
+    offline_sft_weight: float = option(
+        0.5,
+        help="sft_weight of the preference-matching offline rows (pm-dpo, cpm-dpo): NLL on each "
+        "ranking's best response, which holds the probability of invalid text at the SFT level; "
+        "the dpo row is plain DPO",
+    )
     # evaluation
     eval_samples: int = option(1000, help="responses sampled per held-out prompt for evaluation")
     methods: list[str] = option(
-        list(METHODS), help="comma-separated methods to run (sft,kl,pm,cpm)"
+        list(DEFAULT_METHODS),
+        help="comma-separated methods to run (sft,kl,pm,cpm,dpo,cpm-dpo; also pm-dpo)",
     )
     threads: int = option(1, help="torch CPU threads (tiny models run fastest on one)")
     device: str = option(
@@ -166,6 +184,11 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         )
         histories[method] = read_jsonl(out / method / "metrics.jsonl")
         _log(f"RL {method} done ({time.perf_counter() - start:.0f} s)", config.quiet)
+    for method in OFFLINE_METHODS:
+        if method not in config.methods:
+            continue
+        policies[method] = _train_offline(config, method, sft_dir, files["rankings"], out / method)
+        _log(f"offline {method} done ({time.perf_counter() - start:.0f} s)", config.quiet)
 
     results: dict[str, Evaluation] = {}
     for method, path in policies.items():
@@ -220,6 +243,25 @@ def _train_rm(
         )
     )  # fmt: skip
     return Path(result["model_dir"]), result.get("eval", {})
+
+
+def _train_offline(config: DemoConfig, method: str, sft_dir: Path, data: Path, out: Path) -> Path:
+    """An offline row: `pmrlhf dpo` from the SFT model on the reward model's rankings (the same
+    rows and hold-out as the reward model)."""
+    from pmrlhf.offline import OfflineConfig, train_offline
+
+    betas = {"dpo": config.dpo_beta, "pm-dpo": config.pm_dpo_beta, "cpm-dpo": config.cpm_dpo_beta}
+    beta = betas[method]
+    sft_weight = 0.0 if method == "dpo" else config.offline_sft_weight
+    result = train_offline(
+        OfflineConfig(
+            model=str(sft_dir), data=str(data), loss=OFFLINE_METHODS[method], beta=beta,
+            alpha=config.cpm_alpha, sft_weight=sft_weight,
+            max_steps=config.offline_steps, lr=config.offline_lr, lr_schedule="linear",
+            eval_fraction=0.1, **_stage_settings(config, out),
+        )
+    )  # fmt: skip
+    return Path(result["model_dir"])
 
 
 def _train_rl(
@@ -303,6 +345,12 @@ def _write_outputs(
         for m in ("pm", "cpm"):
             if m in methods:
                 improvement[m] = pmd_improvement(methods["kl"]["pmd"], methods[m]["pmd"])
+    if "dpo" in methods:
+        for m in OFFLINE_METHODS:
+            if m != "dpo" and m in methods:
+                improvement[f"{m} over dpo"] = pmd_improvement(
+                    methods["dpo"]["pmd"], methods[m]["pmd"]
+                )
     per_prompt = {m: r.world.per_prompt for m, r in results.items() if r.world is not None}
     summary = {
         "methods": methods,
@@ -332,6 +380,10 @@ def _write_outputs(
         pm_beta=config.pm_beta,
         cpm_beta=config.cpm_beta,
         cpm_alpha=config.cpm_alpha,
+        dpo_beta=config.dpo_beta,
+        offline_beta=config.cpm_dpo_beta if "cpm-dpo" in methods else config.pm_dpo_beta,
+        offline_steps=config.offline_steps,
+        offline_sft_weight=config.offline_sft_weight,
     )
     table = write_report(report, per_prompt, histories, out)
     if not config.quiet:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -9,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pmrlhf.evaluate import AnswerDistribution
 
-METHOD_COLORS = {"sft": "tab:gray", "kl": "tab:red", "pm": "tab:orange", "cpm": "tab:blue"}
+METHOD_COLORS = {"sft": "tab:gray", "kl": "tab:red", "pm": "tab:orange", "cpm": "tab:blue",
+                 "dpo": "tab:pink", "cpm-dpo": "tab:cyan", "pm-dpo": "tab:olive"}  # fmt: skip
 
 
 def _pyplot():
@@ -146,7 +148,8 @@ class DemoResults:
     """What the demo's table and report show: per-method metrics and the run's settings.
 
     ``methods`` maps each method to its metrics (``metrics.json``'s ``methods``);
-    ``pmd_improvement`` maps pm/cpm to their relative PMD improvement over kl.
+    ``pmd_improvement`` maps pm/cpm to their relative PMD improvement over kl, and
+    ``"<offline row> over dpo"`` to an offline row's improvement over the dpo row.
     """
 
     methods: dict[str, dict[str, Any]]
@@ -164,6 +167,10 @@ class DemoResults:
     pm_beta: float
     cpm_beta: float
     cpm_alpha: float
+    dpo_beta: float = 0.1
+    offline_beta: float = 1.0
+    offline_steps: int = 0
+    offline_sft_weight: float = 0.0
 
 
 COLUMNS = (
@@ -189,11 +196,15 @@ def format_table(results: DemoResults) -> str:
     target_minority = next(iter(methods.values())).get("target_minority_mass")
     if target_minority is not None:
         lines.append(f"target minority mass (reward model's softmax(r)): {target_minority:.3f}")
-    if results.pmd_improvement:
-        lines.append(
-            "PMD improvement over kl: "
-            + ", ".join(f"{m} {v:+.0%}" for m, v in results.pmd_improvement.items())
-        )
+    over_kl = {m: v for m, v in results.pmd_improvement.items() if " over " not in m}
+    over_dpo = {m.split(" over ")[0]: v for m, v in results.pmd_improvement.items()
+                if m.endswith(" over dpo")}  # fmt: skip
+    for baseline, improvement in (("kl", over_kl), ("dpo", over_dpo)):
+        if improvement:
+            lines.append(
+                f"PMD improvement over {baseline}: "
+                + ", ".join(f"{m} {v:+.0%}" for m, v in improvement.items())
+            )
     lines.append(f"wall time: {results.seconds:.0f} s")
     return "\n".join(lines)
 
@@ -231,7 +242,7 @@ pmrlhf {results.version}; seed {results.seed}; {results.rl_steps} RL steps per m
   matches the reward model on the valid answers (TV {value("cpm", "tv_to_target")} to the target)
   and keeps the invalid rate at {value("cpm", "invalid_rate")} (SFT: {value("sft", "invalid_rate")}).
 - **Why α = {results.cpm_alpha}**: {results.alpha_summary}.
-- **PMD** is the paper's preference matching divergence, over pairs of responses sampled with
+{_offline_bullets(results, value)}- **PMD** is the paper's preference matching divergence, over pairs of responses sampled with
   top-p 0.9 as in the paper (lower is better); `pmd_untruncated` in metrics.json uses plain
   samples, where rare invalid responses dominate it.
 
@@ -255,6 +266,30 @@ reward model's histogram; a collapsed one piles up at 1.
 Mean reward, total penalty Σ p_t and token entropy over the RL steps.
 """
     return text
+
+
+def _offline_bullets(results: DemoResults, value: Callable[[str, str], str]) -> str:
+    """Report lines of the offline rows present (``pmrlhf dpo`` on the annotators' rankings)."""
+    lines = []
+    if "dpo" in results.methods:
+        lines.append(
+            f"""- **dpo (β={results.dpo_beta}, offline)** trains `pmrlhf dpo` for {results.offline_steps}
+  steps on the annotators' rankings the reward model saw, from the SFT model. Its fixed point is
+  the kl optimum, so it collapses too (minority mass {value("dpo", "minority_mass")}), and since
+  no term of the loss holds the probability of text outside the data, pushing the losers down
+  sends mass into invalid text (invalid rate {value("dpo", "invalid_rate")})."""
+        )
+    for row, loss in (("pm-dpo", "pm"), ("cpm-dpo", "cpm")):
+        if row in results.methods:
+            lines.append(
+                f"""- **{row} (β={results.offline_beta}, sft_weight={results.offline_sft_weight}, offline)** is
+  `pmrlhf dpo --loss {loss}` on the same data: its fixed point is softmax(r) (moved slightly
+  towards the preferred responses by the SFT term), so it matches the preferences (TV
+  {value(row, "tv_to_target")} to the target), and the SFT term, the one part of the loss that
+  holds the probability of text outside the data, keeps the invalid rate at
+  {value(row, "invalid_rate")} (SFT: {value("sft", "invalid_rate")})."""
+            )
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def write_report(

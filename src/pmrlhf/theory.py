@@ -19,14 +19,18 @@ __all__ = [
     "btl_probability",
     "collapse_table",
     "cpm_effective_objective",
+    "cpm_log_g",
+    "cpm_offline_fixed_point",
     "cpm_optimal_policy",
     "default_collapse_reward",
+    "dpo_fixed_point",
     "implied_preference",
     "kl_objective",
     "kl_optimal_policy",
     "pl_log_likelihood",
     "pl_probability",
     "pm_objective",
+    "pm_offline_fixed_point",
     "pm_optimal_policy",
     "regularized_objective",
 ]
@@ -109,6 +113,12 @@ def _not_meaningful_log_ref(ref_token_probs: Tensor, token_mask: Tensor, alpha: 
     return log_ref.sum(-1)
 
 
+def cpm_log_g(ref_token_probs: Tensor, token_mask: Tensor, alpha: float) -> Tensor:
+    """``log g(y) = Σ_{t: π_ref(y_t|s_t) ≤ α} log π_ref(y_t|s_t)`` over each response's real
+    tokens (..., T) → (...): the reference's say in the conditional-PM optimum."""
+    return _not_meaningful_log_ref(ref_token_probs, token_mask, alpha)
+
+
 def cpm_optimal_policy(
     reward: Tensor, ref_token_probs: Tensor, token_mask: Tensor, alpha: float, beta: float
 ) -> Tensor:
@@ -128,6 +138,30 @@ def cpm_optimal_policy(
     return torch.softmax(
         reward / beta + _not_meaningful_log_ref(ref_token_probs, token_mask, alpha), dim=-1
     )
+
+
+# --------------------------------------------------------------------------- offline fixed points
+# An offline loss reads the policy as a reward model, s(y) = β(log π(y) − log h(y)), and fits s
+# to the comparisons by BTL (rankings by Plackett–Luce). Its fixed point on data from a BTL
+# reward r has s = r + c, i.e. π ∝ h·exp(r/β): the optimum of the RLHF objective h came from.
+def dpo_fixed_point(reward: Tensor, ref_probs: Tensor, beta: float) -> Tensor:
+    """Fixed point of the DPO loss ``−log σ(β[log π/π_ref (y_w) − log π/π_ref (y_l)])``:
+    the KL optimum ``π ∝ π_ref · exp(r/β)`` (docs/method.md §9)."""
+    return kl_optimal_policy(reward, ref_probs, beta)
+
+
+def pm_offline_fixed_point(reward: Tensor, beta: float = 1.0) -> Tensor:
+    """Fixed point of the offline PM loss ``−log σ(β[log π(y_w) − log π(y_l)])``: the PM
+    optimum ``softmax(r/β)``, with no reference (docs/method.md §9)."""
+    return pm_optimal_policy(reward, beta)
+
+
+def cpm_offline_fixed_point(
+    reward: Tensor, ref_token_probs: Tensor, token_mask: Tensor, alpha: float, beta: float
+) -> Tensor:
+    """Fixed point of the offline cPM loss ``−log σ(β[(log π − log g)(y_w) − (log π − log g)(y_l)])``:
+    the g-tilted optimum ``π ∝ exp(r/β) · g`` (docs/method.md §9)."""
+    return cpm_optimal_policy(reward, ref_token_probs, token_mask, alpha, beta)
 
 
 def implied_preference(probs: Tensor) -> Tensor:
