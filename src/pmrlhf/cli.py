@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     formatwarning = warnings.formatwarning
     warnings.formatwarning = _warning_line(prog)
     try:
-        return int(module.run(args) or 0)
+        code = int(module.run(args) or 0)
+        _end_process_group()
+        return code
     except USER_ERRORS as err:
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
         return 2
@@ -87,6 +89,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         warnings.formatwarning = formatwarning
+
+
+def _end_process_group() -> None:
+    """End the process group a command started under ``accelerate launch``, once it is done.
+
+    Left to interpreter exit, the group's communication threads can abort a process whose run
+    has finished ("terminate called without an active exception"). torch is only looked up, not
+    imported: commands that never loaded it have no group.
+    """
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def one_line(err: BaseException) -> str:

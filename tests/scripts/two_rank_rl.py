@@ -35,3 +35,6 @@ save_file(
     str(out / f"rank{rank}.safetensors"),
 )
 torch.distributed.barrier() if torch.distributed.is_initialized() else None
+# end the process group before exit, as `pmrlhf` does: left to interpreter exit, gloo's threads
+# can abort a finished process
+trainer.accelerator.end_training()
