@@ -353,31 +353,21 @@ def train_offline(
     """
     from functools import partial
 
-    from pmrlhf.models import load_causal_lm, load_tokenizer
-    from pmrlhf.runtime import set_seed
+    from pmrlhf.models import load_causal_lm
     from pmrlhf.training import (
         adapt_model,
-        check_config,
         fit_and_save,
-        load_train_eval,
-        make_accelerator,
         quiet_transformers,
-        read_checkpoint,
         resolve_model_path,
+        start_run,
     )
 
-    check_config(config)
-    checkpoint = (
-        read_checkpoint(resume, config, "dpo", allow_config_change) if resume is not None else None
-    )
-    set_seed(config.seed)
-    accelerator = make_accelerator(config)
-    model_path = resolve_model_path(config.model)
+    run = start_run(config, "dpo", "ranking", resume, allow_config_change)
+    checkpoint, accelerator, model_path, tokenizer, data = (
+        run.checkpoint, run.accelerator, run.model_path, run.tokenizer, run.data
+    )  # fmt: skip
     spec = OFFLINE_LOSSES[config.loss]
     quiet = config.quiet or not accelerator.is_main_process
-    with quiet_transformers(quiet):
-        tokenizer = load_tokenizer(model_path)
-        data = load_train_eval(config, tokenizer, "ranking")
     pad = tokenizer.pad_token_id
     train_examples, dropped = tokenize_offline(tokenizer, data.train, config.max_length)
     eval_examples, _ = tokenize_offline(tokenizer, data.eval, config.max_length)

@@ -285,30 +285,20 @@ def train_reward_model(
     """
     from functools import partial
 
-    from pmrlhf.models import load_reward_model, load_tokenizer
-    from pmrlhf.runtime import set_seed
+    from pmrlhf.models import load_reward_model
     from pmrlhf.score import reward_pad_id
     from pmrlhf.training import (
         adapt_model,
-        check_config,
         fit_and_save,
-        load_train_eval,
-        make_accelerator,
         quiet_transformers,
-        read_checkpoint,
-        resolve_model_path,
+        start_run,
     )
 
-    check_config(config)
-    checkpoint = (
-        read_checkpoint(resume, config, "rm", allow_config_change) if resume is not None else None
-    )
-    set_seed(config.seed)
-    accelerator = make_accelerator(config)
-    model_path = resolve_model_path(config.model)
+    run = start_run(config, "rm", "ranking", resume, allow_config_change)
+    checkpoint, accelerator, model_path, tokenizer, data = (
+        run.checkpoint, run.accelerator, run.model_path, run.tokenizer, run.data
+    )  # fmt: skip
     with quiet_transformers(config.quiet or not accelerator.is_main_process):
-        tokenizer = load_tokenizer(model_path)
-        data = load_train_eval(config, tokenizer, "ranking")
         model = load_reward_model(model_path, dtype=torch.float32)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -177,29 +177,19 @@ def train_sft(
     """
     from functools import partial
 
-    from pmrlhf.models import load_causal_lm, load_tokenizer
-    from pmrlhf.runtime import set_seed
+    from pmrlhf.models import load_causal_lm
     from pmrlhf.training import (
         adapt_model,
-        check_config,
         fit_and_save,
-        load_train_eval,
-        make_accelerator,
         quiet_transformers,
-        read_checkpoint,
-        resolve_model_path,
+        start_run,
     )
 
-    check_config(config)
-    checkpoint = (
-        read_checkpoint(resume, config, "sft", allow_config_change) if resume is not None else None
-    )
-    set_seed(config.seed)
-    accelerator = make_accelerator(config)
-    model_path = resolve_model_path(config.model)
+    run = start_run(config, "sft", "sft", resume, allow_config_change)
+    checkpoint, accelerator, model_path, tokenizer, data = (
+        run.checkpoint, run.accelerator, run.model_path, run.tokenizer, run.data
+    )  # fmt: skip
     with quiet_transformers(config.quiet or not accelerator.is_main_process):
-        tokenizer = load_tokenizer(model_path)
-        data = load_train_eval(config, tokenizer, "sft")
         model = load_causal_lm(model_path, dtype=torch.float32)
     train_examples, skipped = tokenize_sft(tokenizer, data.train, config.max_length)
     eval_examples, _ = tokenize_sft(tokenizer, data.eval, config.max_length)

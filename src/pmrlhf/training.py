@@ -55,6 +55,7 @@ __all__ = [
     "CHECKPOINT_DIR",
     "Checkpoint",
     "NonFiniteError",
+    "RunStart",
     "TrainConfig",
     "TrainData",
     "adapt_model",
@@ -67,6 +68,7 @@ __all__ = [
     "read_checkpoint",
     "resolve_model_path",
     "save_model",
+    "start_run",
     "train_loop",
     "write_run_files",
 ]
@@ -294,6 +296,43 @@ def load_train_eval(config: TrainConfig, tokenizer: Any, kind: str) -> TrainData
     return TrainData(
         [records[i] for i in train_idx], [records[i] for i in eval_idx], records.rows, dropped
     )
+
+
+@dataclass
+class RunStart:
+    """What every SFT/RM/offline run begins with: the checkpoint to resume (if any), the
+    accelerator, the resolved model path, its tokenizer and the validated data."""
+
+    checkpoint: Checkpoint | None
+    accelerator: Any
+    model_path: str
+    tokenizer: Any
+    data: TrainData
+
+
+def start_run(
+    config: TrainConfig,
+    name: str,
+    kind: str,
+    resume: str | Path | None,
+    allow_config_change: bool,
+) -> RunStart:
+    """Check the config, read the checkpoint to resume from, seed, build the accelerator, then
+    load the tokenizer and the ``kind`` records (all before any model is loaded)."""
+    from pmrlhf.models import load_tokenizer
+    from pmrlhf.runtime import set_seed
+
+    check_config(config)
+    checkpoint = (
+        read_checkpoint(resume, config, name, allow_config_change) if resume is not None else None
+    )
+    set_seed(config.seed)
+    accelerator = make_accelerator(config)
+    model_path = resolve_model_path(config.model)
+    with quiet_transformers(config.quiet or not accelerator.is_main_process):
+        tokenizer = load_tokenizer(model_path)
+        data = load_train_eval(config, tokenizer, kind)
+    return RunStart(checkpoint, accelerator, model_path, tokenizer, data)
 
 
 def resolve_model_path(name_or_path: str) -> str:
