@@ -33,14 +33,6 @@ REWARD = [0.8, 0.4, 0.0, -0.4]  # the annotators' hidden BTL reward
 QUESTION = "which colour ?"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tv(p: torch.Tensor, q: torch.Tensor) -> float:
     return float(0.5 * (p - q).abs().sum())
 

@@ -38,16 +38,6 @@ RESPONSES = [
 TRUE_REWARD = [2.0, 1.2, 0.5, 0.0, -0.8, -1.6]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy machine with few cores
-    # the threads' spin-waits make each step many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _plackett_luce_sample(rng: random.Random, items: list[int]) -> list[int]:
     # Sorting r + Gumbel noise gives a Plackett–Luce draw (for two items, a BTL draw).
     noisy = {i: TRUE_REWARD[i] - math.log(-math.log(rng.random())) for i in items}

@@ -16,16 +16,6 @@ from pmrlhf.score import reward_input_text, score_texts
 FIXTURES = Path(__file__).parent / "fixtures"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy machine with few cores
-    # the threads' spin-waits make each step many times slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def reward_model_dir(tmp_path_factory) -> Path:
     texts = [line for path in FIXTURES.glob("*.jsonl") for line in path.read_text().splitlines()]
