@@ -29,3 +29,5 @@ report = {
 }
 (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(report))
 accelerator.wait_for_everyone()
+# end the process group before exit, as `pmrlhf` does
+accelerator.end_training()

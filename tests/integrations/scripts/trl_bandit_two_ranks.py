@@ -32,6 +32,10 @@ def main() -> None:
         "optimum": optimum.tolist(),
     }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    # end the process group before exit: left to interpreter exit, gloo's threads can abort a
+    # finished process ("terminate called without an active exception")
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":
