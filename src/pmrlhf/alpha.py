@@ -200,7 +200,7 @@ def _q(q: float) -> str:
 def _quantiles(values: np.ndarray) -> dict[str, float]:
     if values.size == 0:
         return {_q(q): float("nan") for q in QUANTILES}
-    return {_q(q): float(np.quantile(values, q)) for q in QUANTILES}
+    return {_q(q): float(np.quantile(values, q, method="inverted_cdf")) for q in QUANTILES}
 
 
 def _histogram(values: Sequence[float]) -> list[int]:
