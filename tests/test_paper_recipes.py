@@ -191,3 +191,14 @@ def test_recipes_share_everything_but_the_model_and_its_batch():
         opt, llama = _recipe("opt-1.3b", stage), _recipe("llama-2-7b", stage)
         differ = {k for k in opt.keys() | llama.keys() if opt.get(k) != llama.get(k)}
         assert differ <= allowed[stage], (stage, differ - allowed[stage])
+
+
+def test_recipes_clip_gradients_as_deepspeed_does():
+    """Under DeepSpeed, its gradient_clipping replaces pmrlhf's max_grad_norm: keep them equal."""
+    launch = yaml.safe_load((RECIPES / "accelerate_8gpu_zero2.yaml").read_text())
+    assert launch["deepspeed_config"]["zero_stage"] == 2
+    for model in MODELS:
+        for stage in STAGES:
+            recipe = _recipe(model, stage)
+            assert recipe["max_grad_norm"] == launch["deepspeed_config"]["gradient_clipping"]
+            assert recipe["dtype"] == launch["mixed_precision"] == "bf16", (model, stage)
