@@ -39,7 +39,7 @@ def _recipe(model: str, stage: str) -> dict[str, Any]:
 
 
 def _fixture_texts() -> list[str]:
-    texts = []
+    texts: list[str] = []
     for path in LAYOUTS.values():
         for line in path.read_text().splitlines():
             texts.extend(str(value) for value in json.loads(line).values())
@@ -114,7 +114,7 @@ def _run(model: str, stage: str, swaps: dict[str, str]) -> list[warnings.Warning
 
 
 def _run_chain(model: str, data: Path, base_model: Path) -> dict[str, list[Any]]:
-    caught = {}
+    caught: dict[str, list[Any]] = {}
     for stage in STAGES:
         caught[stage] = _run(model, stage, _swaps(stage, data, base_model))
     return caught
@@ -146,6 +146,10 @@ def _check_chain(model: str, caught: dict[str, list[Any]], base_model: Path) -> 
         assert len(rows) == STEPS
         assert all(row["step"] == i + 1 for i, row in enumerate(rows)), rows
         assert (folder / "policy" / "config.json").is_file(), f"{stage}: no policy in {folder}"
+        state = json.loads((folder / "checkpoint" / "trainer_state.json").read_text())
+        swapped = _swaps(stage, Path("x"), base_model)
+        kept = {k: v for k, v in recipe.items() if k not in swapped}
+        assert {k: state["config"][k] for k in kept} == kept, stage
 
     # kl keeps the paper's top-p 0.9 rollouts and is told that they move its optimum; cpm
     # follows the PM safety rules (no reward clip, no top-p) and draws no PM safety warning
