@@ -31,8 +31,13 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "configs" / "accelerate"
 SCRIPTS = Path(__file__).parent / "scripts"
-ACCELERATE_CONFIGS = ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"]
-DEEPSPEED_CONFIGS = ["deepspeed_zero2", "deepspeed_zero3"]
+CONFIG_FILES = {
+    name: CONFIGS / f"{name}.yaml" for name in ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
+}
+# the paper's recipes (configs/paper/) launch with their own 8-GPU ZeRO-2 file
+CONFIG_FILES["deepspeed_zero2_paper"] = ROOT / "configs" / "paper" / "accelerate_8gpu_zero2.yaml"
+ACCELERATE_CONFIGS = list(CONFIG_FILES)
+DEEPSPEED_CONFIGS = ["deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero2_paper"]
 
 # Largest |difference| allowed between a weight trained on 2 processes and on 1 (fp32, 2-3
 # AdamW steps). The runs differ only in summation order (an all-reduce, batched vs. split
@@ -49,7 +54,7 @@ def _launch_args(name: str):
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
     parser = launch_command_parser()
-    argv = ["--config_file", str(CONFIGS / f"{name}.yaml"), "-m", "pmrlhf", "rl"]
+    argv = ["--config_file", str(CONFIG_FILES[name]), "-m", "pmrlhf", "rl"]
     args, defaults, _ = _validate_launch_command(parser.parse_args(argv))
     known = set(vars(parser.parse_args(["-m", "pmrlhf"])))
     return args, defaults, known
@@ -79,13 +84,14 @@ def test_accelerate_config_loads_through_accelerates_own_loader(name):
     from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
     from accelerate.utils import DistributedType
 
-    config = load_config_from_file(str(CONFIGS / f"{name}.yaml"))  # rejects unknown top-level keys
+    config = load_config_from_file(str(CONFIG_FILES[name]))  # rejects unknown top-level keys
     assert isinstance(config, ClusterConfig)
     expected = {
         "ddp": DistributedType.MULTI_GPU,
         "fsdp": DistributedType.FSDP,
         "deepspeed_zero2": DistributedType.DEEPSPEED,
         "deepspeed_zero3": DistributedType.DEEPSPEED,
+        "deepspeed_zero2_paper": DistributedType.DEEPSPEED,
     }[name]
     assert config.distributed_type == expected
     assert (config.num_processes, config.num_machines, config.mixed_precision) == (8, 1, "bf16")
@@ -214,7 +220,7 @@ def test_deepspeed_sft_on_one_cpu_process_matches_a_plain_run(name, tiny_model_d
     report.mkdir()
     launcher = str(Path(sys.executable).with_name("accelerate"))
     command = [
-        launcher, "launch", "--config_file", str(CONFIGS / f"{name}.yaml"),
+        launcher, "launch", "--config_file", str(CONFIG_FILES[name]),
         "--num_processes", "1", "--mixed_precision", "no", str(SCRIPTS / "run_and_report.py"),
         *_train_args("sft", tiny_model_dir, data, zero, batch_size=4),
     ]  # fmt: skip
