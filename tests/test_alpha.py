@@ -112,6 +112,17 @@ def test_report_with_a_world_flags_an_overlap(fitted, tmp_path):
                           samples_per_prompt=40)  # fmt: skip
     assert not report.separated
     assert report.valid_at_or_below + report.slips_above > 0
+
+    # α is chosen on responses: no grid value keeps more valid responses whole (every token
+    # above α) while putting more slips at or below it
+    def score(valid_responses_at_or_below, slips_above):
+        return (1 - valid_responses_at_or_below) + (1 - slips_above)
+
+    best = max(score(r["valid_responses_at_or_below"], r["slips_above"]) for r in report.grid)
+    assert score(report.valid_responses_at_or_below, report.slips_above) >= best - 1e-12
+    assert (
+        report.valid_responses_at_or_below >= report.valid_at_or_below
+    )  # a response fails on any token
     assert "imperfect" in report.summary or "no grid value" in report.summary
 
 

@@ -171,3 +171,26 @@ def test_preference_calibration_error():
         preference_calibration_error(torch.ones(1), torch.zeros(1))
     with pytest.raises(ValueError, match="shape"):
         preference_calibration_error(torch.ones(3) / 3, torch.zeros(2))
+
+
+def test_pmd_over_all_pairs_is_zero_at_softmax_and_sees_collapse():
+    from pmrlhf.metrics import pmd_all_pairs
+
+    rewards = torch.tensor([1.0, 0.4, -0.3, -1.2])
+    matched = torch.log_softmax(rewards, -1) - 2.0  # any shift: only differences count
+    assert float(pmd_all_pairs(rewards, matched)) == pytest.approx(0.0, abs=1e-12)
+    collapsed = torch.log(torch.tensor([0.997, 0.001, 0.001, 0.001]))
+    brute = (
+        sum(
+            ((rewards[i] - rewards[j]) - (collapsed[i] - collapsed[j])).item() ** 2
+            for i, j in itertools.combinations(range(4), 2)
+        )
+        / 6
+    )
+    assert float(pmd_all_pairs(rewards, collapsed)) == pytest.approx(brute)
+    assert brute > 10
+    # leading dimensions (prompts) are averaged with the pairs
+    both = pmd_all_pairs(torch.stack([rewards, rewards]), torch.stack([matched, collapsed]))
+    assert float(both) == pytest.approx(brute / 2)
+    with pytest.raises(ValueError, match="at least 2 responses"):
+        pmd_all_pairs(rewards[:1], matched[:1])

@@ -85,6 +85,7 @@ class AlphaReport:
     valid_quantiles: dict[str, float] | None = None
     slip_quantiles: dict[str, float] | None = None
     valid_at_or_below: float | None = None
+    valid_responses_at_or_below: float | None = None
     slips_above: float | None = None
     valid_probabilities: list[float] = field(default_factory=list, repr=False)
     slip_probabilities: list[float] = field(default_factory=list, repr=False)
@@ -147,8 +148,8 @@ class AlphaReport:
             )
         vq, sq = self.valid_quantiles or {}, self.slip_quantiles or {}
         lines = [
-            f"recommended α = {a:.3g}: the grid value that best separates valid-answer tokens "
-            "(above α) from slips (at or below α)",
+            f"recommended α = {a:.3g}: the grid value that best separates valid responses "
+            "(their least likely token above α) from slips (at or below α)",
             f"  {samples}: {self.valid_samples} valid, {self.invalid_samples} invalid"
             + (
                 f" ({self.invalid_without_eos} of them stopped at the token limit)"
@@ -167,8 +168,9 @@ class AlphaReport:
             lines.append("  no invalid sample: no slips to separate; α only has to stay below "
                          "the valid-answer tokens")  # fmt: skip
         lines.append(
-            f"  at α: {self.valid_at_or_below:.1%} of valid-answer tokens at or below α (they get "
-            f"the KL term), {self.slips_above:.1%} of slips above α (treated as meaningful); "
+            f"  at α: {self.valid_responses_at_or_below:.1%} of valid responses have a token at or "
+            f"below α ({self.valid_at_or_below:.1%} of valid-answer tokens; they get the KL term), "
+            f"{self.slips_above:.1%} of slips above α (treated as meaningful); "
             f"{self.tokens_at_or_below:.1%} of all sampled tokens at or below α"
         )
         if self.separated:
@@ -306,6 +308,9 @@ def alpha_report(
     jobs = [p for p in prompts for _ in range(samples_per_prompt)]
     tokens: list[np.ndarray] = []
     valid: list[np.ndarray] = []
+    # per valid response, its least likely token: the response is matched exactly only when
+    # every one of its tokens is meaningful, so α is chosen on responses, like the slips
+    valid_minima: list[float] = []
     slips: list[float] = []
     n_valid = n_invalid = invalid_without_eos = 0
     for start in range(0, len(jobs), batch_size):
@@ -331,10 +336,15 @@ def alpha_report(
             else:
                 n_valid += 1
                 valid.append(p)
+                valid_minima.append(float(p.min()))
     if world is not None:
         for prompt in dict.fromkeys(prompts):
             logp, mask = valid_sequence_logprobs(ref, tokenizer, world, prompt)
-            valid.append(logp.double().exp()[mask.bool()].cpu().numpy())
+            forced = logp.double().exp().cpu()
+            valid.append(forced[mask.bool().cpu()].numpy())
+            valid_minima.extend(
+                float(row[keep].min()) for row, keep in zip(forced, mask.bool().cpu(), strict=True)
+            )
     ref.train(was_training)
     all_tokens = np.concatenate(tokens) if tokens else np.zeros(0)
     if all_tokens.size == 0:
@@ -363,11 +373,13 @@ def alpha_report(
         )
     valid_p = np.concatenate(valid)
     slip_p = np.asarray(slips, dtype=np.float64)
-    alpha = separating_alpha(valid_p, slip_p)
+    minima_p = np.asarray(valid_minima, dtype=np.float64)
+    alpha = separating_alpha(minima_p, slip_p)
     grid = [
         {
             "alpha": a,
             "valid_at_or_below": _share_at_or_below(valid_p, a),
+            "valid_responses_at_or_below": _share_at_or_below(minima_p, a),
             "slips_above": _share_above(slip_p, a),
             "tokens_at_or_below": _share_at_or_below(all_tokens, a),
         }
@@ -385,6 +397,7 @@ def alpha_report(
         valid_quantiles=_quantiles(valid_p),
         slip_quantiles=_quantiles(slip_p),
         valid_at_or_below=_share_at_or_below(valid_p, alpha),
+        valid_responses_at_or_below=_share_at_or_below(minima_p, alpha),
         slips_above=_share_above(slip_p, alpha),
         valid_probabilities=valid_p.tolist(),
         slip_probabilities=slip_p.tolist(),

@@ -36,6 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dpo": ("pmrlhf.offline", "offline preference training: DPO and its PM/cPM counterparts"),
     "score": ("pmrlhf.score", "score every response of a dataset with a reward model"),
     "eval": ("pmrlhf.evaluate", "PMD, reward, KL, entropy and diversity of a trained policy"),
+    "experiment": (
+        "pmrlhf.experiment",
+        "the paper's experiment on SmolLM2-135M: SFT, RM, RL kl vs cpm, report",
+    ),
     "alpha": ("pmrlhf.alpha", "choose cpm's threshold α from the reference's token probabilities"),
 }
 

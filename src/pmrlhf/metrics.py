@@ -15,6 +15,7 @@ __all__ = [
     "kl_divergence",
     "minority_mass",
     "pmd",
+    "pmd_all_pairs",
     "pmd_improvement",
     "preference_calibration_error",
     "total_variation",
@@ -33,6 +34,27 @@ def pmd(reward_1: Tensor, reward_2: Tensor, logp_1: Tensor, logp_2: Tensor) -> T
         raise ValueError(f"pmd arguments must share one shape, got {sorted(shapes)}")
     gap = (reward_1 - reward_2) - (logp_1 - logp_2)
     return (gap.double() ** 2).mean()
+
+
+def pmd_all_pairs(rewards: Tensor, logps: Tensor) -> Tensor:
+    """PMD over every pair of a fixed response set, ``mean_{i<j} [(r_i − r_j) − (l_i − l_j)]²``.
+
+    ``rewards`` and ``logps`` hold one value per response (the last dimension; leading ones are
+    averaged too). Sampled PMD draws both responses from the policy, so a policy that always
+    gives the same response scores 0 whatever its preferences; over a fixed set, such as every
+    valid answer of an enumerable task, a collapsed policy's log-odds against the answers it no
+    longer gives count in full.
+    """
+    if rewards.shape != logps.shape or rewards.shape[-1] < 2:
+        raise ValueError(
+            f"pmd_all_pairs needs rewards and log-probs of one shape with at least 2 responses, "
+            f"got {tuple(rewards.shape)} and {tuple(logps.shape)}"
+        )
+    gap = rewards.double() - logps.double()
+    diff = gap.unsqueeze(-1) - gap.unsqueeze(-2)
+    n = gap.shape[-1]
+    upper = torch.triu(torch.ones(n, n, dtype=torch.bool, device=gap.device), diagonal=1)
+    return (diff[..., upper] ** 2).mean()
 
 
 def pmd_improvement(pmd_baseline: float | Tensor, pmd_method: float | Tensor) -> float:

@@ -79,7 +79,8 @@ def sampling_config(
         num_beams=1,
         num_return_sequences=1,
         max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
+        # left unset when 0: transformers warns when both minimum-length settings are given
+        min_new_tokens=min_new_tokens or None,
         min_length=0,
         temperature=temperature,
         top_p=top_p,

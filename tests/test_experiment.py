@@ -1,0 +1,148 @@
+"""`pmrlhf experiment`: the chat world, the stages, the targets and the report, on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pmrlhf.experiment import (
+    TARGETS,
+    ExperimentConfig,
+    cached_base_model,
+    chat_world,
+    check_targets,
+    run_experiment,
+)
+
+# A plain-words chat template, so the word-level tokenizer of the tiny model covers it.
+TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}assistant :{% endif %}"
+)
+SYSTEM = "Answer in a few words."
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory):
+    """A tiny Llama whose tokenizer has a chat template and covers the packaged chat world."""
+    from pmrlhf.models import build_tiny_model, load_tokenizer
+
+    world, _ = chat_world("", None, "")
+    texts = [*world.vocabulary(), "system user assistant :", SYSTEM]
+    out = build_tiny_model(tmp_path_factory.mktemp("chat-llama"), texts, seed=0)
+    tokenizer = load_tokenizer(str(out))
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_chat_world_renders_every_wording_with_the_chat_template(chat_model_dir):
+    from pmrlhf.models import load_tokenizer
+
+    tokenizer = load_tokenizer(str(chat_model_dir))
+    world, questions = chat_world("", tokenizer, SYSTEM)
+    plain, _ = chat_world("", None, "")
+    assert len(world.train_prompts()) == len(plain.train_prompts()) == 18
+    assert len(world.eval_prompts()) == 6
+    prompt = world.eval_prompts()[0]
+    assert prompt == f"system : {SYSTEM} user : Which season is your favourite? assistant :"
+    assert questions[prompt] == "Which season is your favourite?"
+    # the rendered prompt is a key of the world: answers and classification work on it
+    assert world.classify(prompt, "I like summer best.") == 0
+    assert world.classify(prompt, "Coffee, please.") is None
+    assert world.valid_sequences(prompt) == plain.valid_sequences(plain.eval_prompts()[0])
+
+
+def test_a_model_folder_is_used_as_it_is(chat_model_dir, tmp_path):
+    assert cached_base_model(str(chat_model_dir), str(tmp_path / "cache")) == str(chat_model_dir)
+    assert not (tmp_path / "cache").exists()
+
+
+def _metrics(kl_minority=0.05, target_minority=0.45, kl_pmd=2.0, cpm_pmd=0.5, cpm_tv=0.08,
+             cpm_invalid=0.05, sft_invalid=0.04):  # fmt: skip
+    def row(pmd, tv, minority, invalid):
+        return {"sampled": {"pmd": pmd},
+                "exact": {"tv_to_target": tv, "minority_mass": minority,
+                          "target_minority_mass": target_minority, "invalid_rate": invalid}}  # fmt: skip
+
+    return {"methods": {"sft": row(1.0, 0.2, 0.6, sft_invalid),
+                        "kl": row(kl_pmd, 0.4, kl_minority, 0.01),
+                        "cpm": row(cpm_pmd, cpm_tv, 0.44, cpm_invalid)}}  # fmt: skip
+
+
+def test_targets_are_the_issue_thresholds():
+    rows = check_targets(_metrics())
+    assert [r["met"] for r in rows] == [True, True, True, True]
+    assert rows[0]["value"] == pytest.approx(0.75)  # (2.0 - 0.5) / 2.0
+    assert rows[2]["value"] == pytest.approx(0.05 / 0.45)
+    assert rows[3]["value"] == pytest.approx(0.01)
+    failing = check_targets(_metrics(kl_minority=0.2, cpm_pmd=1.5, cpm_tv=0.11, cpm_invalid=0.07))
+    assert [r["met"] for r in failing] == [False, False, False, False]
+    # a method left out gives no verdict rather than a made-up one
+    partial = _metrics()
+    del partial["methods"]["kl"]
+    assert [r["met"] for r in check_targets(partial)] == [None, True, None, True]
+    assert len(TARGETS) == 4
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="methods: unknown 'ppo'"):
+        ExperimentConfig(methods=["sft", "ppo"])
+    with pytest.raises(ValueError, match=r"seeds: .* repeats"):
+        ExperimentConfig(seeds=[0, 0])
+    with pytest.raises(ValueError, match="cpm_alpha"):
+        ExperimentConfig(cpm_alpha=1.0)
+    with pytest.raises(ValueError, match="rl_steps must be at least 1"):
+        ExperimentConfig(rl_steps=0)
+
+
+def test_two_seeds_end_to_end_in_parallel_then_resume(chat_model_dir, tmp_path):
+    """Every stage runs on a tiny model for two seeds at once; a rerun reuses every stage."""
+    out = tmp_path / "exp"
+    config = ExperimentConfig(
+        out=str(out), base=str(chat_model_dir), system_prompt=SYSTEM, seeds=[3, 4], parallel=2,
+        n_sft=64, n_rankings=64, sft_steps=3, sft_lr=1e-3, rm_steps=2, rl_steps=2,
+        prompts_per_step=2, samples_per_prompt=2, max_new_tokens=6, eval_samples=2,
+        alpha_samples_per_prompt=1, quiet=True,
+    )  # fmt: skip
+    summary = run_experiment(config)
+    assert set(summary["seeds"]) == {3, 4}
+    for seed in (3, 4):
+        folder = out / f"seed-{seed}"
+        stages = json.loads((folder / "stages.json").read_text())
+        assert {"data", "sft", "rm", "alpha", "rl-kl", "rl-kl-strong", "rl-cpm"} <= set(stages)
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert set(metrics["methods"]) == {"sft", "kl", "kl-strong", "cpm"}
+        assert metrics["cpm_alpha"] == stages["alpha"]["recommended_alpha"]
+        for method, row in metrics["methods"].items():
+            dist = [r["exact_distribution"] for r in metrics["per_prompt"][method]]
+            assert all(abs(sum(d) - 1) < 1e-6 for d in dist), method
+            assert 0 <= row["exact"]["invalid_rate"] <= 1
+            assert row["exact"]["pmd_valid_pairs"] >= 0
+        # the three RL runs trained with their own regulariser and β
+        for method, beta in (("kl", 0.1), ("kl-strong", 0.5), ("cpm", 1.0)):
+            state = json.loads((folder / method / "checkpoint" / "trainer_state.json").read_text())
+            saved = state["config"]
+            assert (saved["regularizer"], saved["beta"]) == (method.split("-")[0], beta)
+        report = (folder / "report.md").read_text()
+        assert "Which season is your favourite?" in report  # samples show the question
+        assert (folder / "answer_distributions.png").stat().st_size > 0
+    overall = (out / "report.md").read_text()
+    assert "| seed 3 | seed 4 |" in overall
+    assert len(summary["targets"]) == len(TARGETS)
+    # a rerun finds every stage finished and trains nothing
+    before = {s: (out / f"seed-{s}" / "stages.json").read_text() for s in (3, 4)}
+    run_experiment(config)
+    assert before == {s: (out / f"seed-{s}" / "stages.json").read_text() for s in (3, 4)}
+
+
+def test_cli_help_lists_every_option():
+    result = subprocess.run(
+        [sys.executable, "-m", "pmrlhf", "experiment", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0
+    for flag in ("--seeds", "--cpm-alpha", "--kl-strong-beta", "--rl-steps", "--system-prompt"):
+        assert flag in result.stdout
