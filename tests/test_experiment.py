@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -133,10 +134,14 @@ def test_two_seeds_end_to_end_in_parallel_then_resume(chat_model_dir, tmp_path):
     overall = (out / "report.md").read_text()
     assert "| seed 3 | seed 4 |" in overall
     assert len(summary["targets"]) == len(TARGETS)
-    # a rerun finds every stage finished and trains nothing
+    # a rerun, here of the folder moved elsewhere, finds every stage finished and trains nothing
     before = {s: (out / f"seed-{s}" / "stages.json").read_text() for s in (3, 4)}
-    run_experiment(config)
-    assert before == {s: (out / f"seed-{s}" / "stages.json").read_text() for s in (3, 4)}
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    (moved / "report.md").unlink()
+    run_experiment(replace(config, out=str(moved)))
+    assert before == {s: (moved / f"seed-{s}" / "stages.json").read_text() for s in (3, 4)}
+    assert "| seed 3 | seed 4 |" in (moved / "report.md").read_text()
 
 
 def test_cli_help_lists_every_option():

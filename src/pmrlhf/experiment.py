@@ -278,9 +278,10 @@ def run_seed(config: ExperimentConfig, seed: int, base: str, out: Path) -> dict[
         files = world.write_files(out / "data", n_pairs=0, n_rankings=config.n_rankings,
                                   n_sft=config.n_sft, seed=seed,
                                   ranking_size=config.ranking_size)  # fmt: skip
-        return {name: str(path) for name, path in files.items()}
+        return {name: os.path.relpath(path, out) for name, path in files.items()}
 
-    files = stages.run("data", write_data)
+    # stages.json keeps paths relative to the seed folder, so a run folder can move and resume
+    files = {name: str(out / path) for name, path in stages.run("data", write_data).items()}
 
     def sft() -> str:
         from pmrlhf.sft import SFTConfig, train_sft
@@ -290,9 +291,9 @@ def run_seed(config: ExperimentConfig, seed: int, base: str, out: Path) -> dict[
             batch_size=config.sft_batch_size, lora_r=config.lora_r, eval_fraction=0.02,
             quiet=config.quiet, **_stage_settings(seed, out / "sft"),
         ))  # fmt: skip
-        return str(result["model_dir"])
+        return os.path.relpath(result["model_dir"], out)
 
-    sft_dir = stages.run("sft", sft)
+    sft_dir = str(out / stages.run("sft", sft))
 
     def reward_model() -> dict[str, Any]:
         from pmrlhf.reward import RMConfig, train_reward_model
@@ -303,9 +304,10 @@ def run_seed(config: ExperimentConfig, seed: int, base: str, out: Path) -> dict[
             quiet=config.quiet, **_stage_settings(seed, out / "rm"),
         ))  # fmt: skip
         evaluation = {k: v for k, v in result.get("eval", {}).items() if isinstance(v, float)}
-        return {"model_dir": str(result["model_dir"]), "eval": evaluation}
+        return {"model_dir": os.path.relpath(result["model_dir"], out), "eval": evaluation}
 
     rm = stages.run("rm", reward_model)
+    rm_dir = str(out / rm["model_dir"])
     device = torch.device("cpu")
     ref = load_causal_lm(sft_dir).eval()
 
@@ -322,7 +324,7 @@ def run_seed(config: ExperimentConfig, seed: int, base: str, out: Path) -> dict[
 
     alpha = stages.run("alpha", choose_alpha)
     cpm_alpha = config.cpm_alpha or float(alpha["recommended_alpha"])
-    reward_fn = ModelReward(rm["model_dir"], device, torch.float32, batch_size=64)
+    reward_fn = ModelReward(rm_dir, device, torch.float32, batch_size=64)
     for method in rl_methods:
         stages.run(
             f"rl-{method}",
@@ -332,7 +334,7 @@ def run_seed(config: ExperimentConfig, seed: int, base: str, out: Path) -> dict[
                 method,
                 seed,
                 sft_dir,
-                rm["model_dir"],
+                rm_dir,
                 files,
                 out / method,
                 reward_fn,
