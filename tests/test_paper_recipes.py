@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from accelerate.state import AcceleratorState
 
 from pmrlhf.cli import main
 from pmrlhf.models import build_tiny_model, build_word_tokenizer
@@ -106,9 +107,15 @@ def _run(model: str, stage: str, swaps: dict[str, str]) -> list[warnings.Warning
     argv = [command, "--config", str(RECIPES / model / f"{stage}.yaml"), "--set", "quiet=true"]
     for key, value in swaps.items():
         argv += ["--set", f"{key}={value}"]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        code = main(argv)
+    # Each command runs in a process of its own in real use; here they share the test process,
+    # whose accelerate state an earlier test may have set up with other precision settings.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            code = main(argv)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert code == 0, f"pmrlhf {' '.join(argv)} exited with {code}"
     return list(caught)
 
