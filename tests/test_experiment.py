@@ -132,7 +132,7 @@ def test_two_seeds_end_to_end_in_parallel_then_resume(chat_model_dir, tmp_path):
         assert "Which season is your favourite?" in report  # samples show the question
         assert (folder / "answer_distributions.png").stat().st_size > 0
     overall = (out / "report.md").read_text()
-    assert "| seed 3 | seed 4 |" in overall
+    assert "| seed 3 | seed 4 |" in overall and "min per seed at most" in overall
     assert len(summary["targets"]) == len(TARGETS)
     # a rerun, here of the folder moved elsewhere, finds every stage finished and trains nothing
     before = {s: (out / f"seed-{s}" / "stages.json").read_text() for s in (3, 4)}

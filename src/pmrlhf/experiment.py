@@ -695,11 +695,13 @@ def _write_summary(config, out: Path, per_seed: list[dict[str, Any]], seconds: f
                   for m in per_seed},
     }  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    stage_minutes = max(sum(m["seconds"].values()) for m in per_seed) / 60
     lines = [
         "# Preference collapse and preference matching on SmolLM2-135M-Instruct",
         "",
         f"pmrlhf {__version__}; seeds {', '.join(map(str, config.seeds))}; "
-        f"{seconds / 60:.1f} min wall time; {config.rl_algo.upper()}, {config.rl_steps} steps × "
+        f"stages {stage_minutes:.1f} min per seed at most ({seconds / 60:.1f} min of wall time in "
+        f"this invocation, which skips stages an earlier one finished); {config.rl_algo.upper()}, {config.rl_steps} steps × "
         f"{config.prompts_per_step} prompts × {config.samples_per_prompt} responses per run.",
         "",
         "| target | " + " | ".join(f"seed {m['seed']}" for m in per_seed) + " | every seed |",
