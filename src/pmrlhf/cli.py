@@ -4,9 +4,13 @@ when it runs, so ``pmrlhf exact`` starts without loading transformers."""
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import importlib
+import os
 import sys
 import warnings
+from typing import NoReturn
 
 # What the user can fix: bad options, values, files and data. Every check in the project raises
 # one of these with a message that names the option, file, row or field, so the command prints
@@ -84,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _warning_line(prog)
     try:
         code = int(module.run(args) or 0)
-        _end_process_group()
+        if _end_process_group():
+            _exit_without_teardown(code)
         return code
     except USER_ERRORS as err:
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr)
@@ -96,16 +101,32 @@ def main(argv: list[str] | None = None) -> int:
         warnings.formatwarning = formatwarning
 
 
-def _end_process_group() -> None:
-    """End the process group a command started under ``accelerate launch``, once it is done.
+def _end_process_group() -> bool:
+    """End the process group a command started under ``accelerate launch``, once it is done;
+    returns whether there was one.
 
     Left to interpreter exit, the group's communication threads can abort a process whose run
-    has finished ("terminate called without an active exception"). torch is only looked up, not
-    imported: commands that never loaded it have no group.
+    has finished ("terminate called without an active exception"). Objects that still hold the
+    group (a wrapped model in a reference cycle) are collected first, so that destroying it
+    really releases it. torch is only looked up, not imported: commands that never loaded it
+    have no group.
     """
     distributed = sys.modules.get("torch.distributed")
     if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        gc.collect()
         distributed.destroy_process_group()
+        return True
+    return False
+
+
+def _exit_without_teardown(code: int) -> NoReturn:
+    """Exit a finished multi-process command: exit handlers run and output is flushed, but the
+    interpreter's teardown, where native threads of the communication libraries can still abort
+    the process after its work is saved, is skipped."""
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def one_line(err: BaseException) -> str:
