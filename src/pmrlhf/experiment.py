@@ -34,11 +34,11 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from pmrlhf.config import add_config_arguments, config_from_args, option, to_dict
 from pmrlhf.rl.advantages import ADVANTAGE_ESTIMATORS
@@ -195,25 +195,20 @@ def chat_world(world_file: str, tokenizer, system_prompt: str):
     `pmrlhf alpha --world` all work on them unchanged.
     """
     from pmrlhf.data.text import ChatRenderer
-    from pmrlhf.world import World, load_world
+    from pmrlhf.world import World, load_world, packaged_world_config
 
-    if world_file:
-        config = load_world(world_file).config
-    else:
-        text = resources.files("pmrlhf").joinpath("worlds", "chat.json").read_text("utf-8")
-        from pmrlhf.world import world_config_from_dict
-
-        config = world_config_from_dict(json.loads(text), "worlds/chat.json")
+    config = load_world(world_file).config if world_file else packaged_world_config("chat.json")
     renderer = ChatRenderer(tokenizer)
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-
-    def render(question: str) -> str:
-        return renderer.prompt([*system, {"role": "user", "content": question}])
-
-    families = tuple(replace(f, wordings=tuple(map(render, f.wordings))) for f in config.families)
-    return World(replace(config, families=families)), dict(
-        (render(q), q) for f in config.families for q in f.wordings
+    rendered = {
+        q: renderer.prompt([*system, {"role": "user", "content": q}])
+        for f in config.families
+        for q in f.wordings
+    }
+    families = tuple(
+        replace(f, wordings=tuple(rendered[q] for q in f.wordings)) for f in config.families
     )
+    return World(replace(config, families=families)), {p: q for q, p in rendered.items()}
 
 
 # --------------------------------------------------------------------------- stages
@@ -409,12 +404,23 @@ _EXACT_KEYS = ("tv_to_target", "tv_to_truth", "tv_valid", "minority_mass",
                "minority_share_valid", "target_minority_mass", "invalid_rate")  # fmt: skip
 
 
-def optimum_minority_share(world, tokenizer, ref, reward_fn, regularizer) -> float:
+def valid_answer_rewards(world, reward_fn) -> dict[str, Tensor]:
+    """The reward model's score of every valid response of each held-out prompt, rows aligned
+    with ``world.valid_sequences``: computed once, shared by the metrics below."""
+    return {
+        prompt: reward_fn([prompt] * len(sequences), [text for _, text in sequences]).double().cpu()
+        for prompt in world.eval_prompts()
+        for sequences in [world.valid_sequences(prompt)]
+    }
+
+
+def optimum_minority_share(world, tokenizer, ref, rewards, regularizer) -> float:
     """The minority answers' share of the valid mass at ``regularizer``'s closed-form optimum.
 
     Per held-out prompt, the optimum over the prompt's valid responses (the reward model's
-    scores, the reference's token probabilities: docs/method.md), summed per answer; averaged
-    over prompts. It says where a run is heading, whether or not its budget gets it there.
+    scores ``rewards``, from :func:`valid_answer_rewards`, and the reference's token
+    probabilities: docs/method.md), summed per answer; averaged over prompts. It says where a
+    run is heading, whether or not its budget gets it there.
     """
     from pmrlhf.evaluate import valid_sequence_logprobs
 
@@ -422,27 +428,25 @@ def optimum_minority_share(world, tokenizer, ref, reward_fn, regularizer) -> flo
     for prompt in world.eval_prompts():
         sequences = world.valid_sequences(prompt)
         logp, mask = valid_sequence_logprobs(ref, tokenizer, world, prompt)
-        rewards = reward_fn([prompt] * len(sequences), [text for _, text in sequences])
         optimum = regularizer.optimal_policy(
-            rewards.double().cpu(), logp.exp().double().cpu(), mask.double().cpu()
+            rewards[prompt], logp.exp().double().cpu(), mask.double().cpu()
         )
         majority = world.majority(prompt)
         shares.append(1.0 - sum(float(p) for (a, _), p in zip(sequences, optimum) if a == majority))
     return sum(shares) / len(shares)
 
 
-def valid_answer_pmd(world, tokenizer, policy, reward_fn) -> float:
+def valid_answer_pmd(world, tokenizer, policy, rewards) -> float:
     """PMD over every pair of valid responses of each held-out prompt, averaged over prompts
-    (:func:`pmrlhf.metrics.pmd_all_pairs`; exact log-probs by teacher forcing, EOS included)."""
+    (:func:`pmrlhf.metrics.pmd_all_pairs`; exact log-probs by teacher forcing, EOS included;
+    ``rewards`` from :func:`valid_answer_rewards`)."""
     from pmrlhf.evaluate import valid_sequence_logprobs
     from pmrlhf.metrics import pmd_all_pairs
 
     values = []
     for prompt in world.eval_prompts():
-        texts = [text for _, text in world.valid_sequences(prompt)]
         logp, mask = valid_sequence_logprobs(policy, tokenizer, world, prompt)
-        rewards = reward_fn([prompt] * len(texts), texts).double().cpu()
-        values.append(float(pmd_all_pairs(rewards, (logp * mask).sum(-1).double().cpu())))
+        values.append(float(pmd_all_pairs(rewards[prompt], (logp * mask).sum(-1).double().cpu())))
     return sum(values) / len(values)
 
 
@@ -457,11 +461,12 @@ def _evaluate(config, seed, world, tokenizer, ref, reward_fn, method, path, cpm_
                              ref=ref, world=world, seed=seed + 1,
                              pmd_pairs=config.eval_samples)  # fmt: skip
     assert result.world is not None and result.world.exact is not None
+    rewards = valid_answer_rewards(world, reward_fn)
     metrics = {
         "sampled": {k: float(result.metrics[k]) for k in _SAMPLED_KEYS if k in result.metrics},
         "exact": {
             **{k: float(result.world.exact[k]) for k in _EXACT_KEYS},
-            "pmd_valid_pairs": valid_answer_pmd(world, tokenizer, policy, reward_fn),
+            "pmd_valid_pairs": valid_answer_pmd(world, tokenizer, policy, rewards),
         },
     }
     if method in RL_RUNS:
@@ -473,7 +478,7 @@ def _evaluate(config, seed, world, tokenizer, ref, reward_fn, method, path, cpm_
         )
         metrics["optimum"] = {
             "minority_share_valid": optimum_minority_share(
-                world, tokenizer, ref, reward_fn, regularizer
+                world, tokenizer, ref, rewards, regularizer
             )
         }
     return {

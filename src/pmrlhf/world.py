@@ -54,6 +54,7 @@ __all__ = [
     "default_world_config",
     "load_world",
     "normalize",
+    "packaged_world_config",
     "world_config_from_dict",
 ]
 
@@ -746,14 +747,17 @@ def load_world(path: str | os.PathLike[str]) -> World:
 
 
 @functools.cache
+def packaged_world_config(name: str) -> WorldConfig:
+    """A world file shipped in the package's ``worlds/`` folder (``default.json`` for the demo,
+    ``chat.json`` for chat models), read once."""
+    resource = resources.files("pmrlhf").joinpath(DEFAULT_WORLD_FILE[0], name)
+    source = f"{DEFAULT_WORLD_FILE[0]}/{name}"
+    return world_config_from_dict(json.loads(resource.read_text(encoding="utf-8")), source)
+
+
 def default_world_config() -> WorldConfig:
     """The packaged world definitions (``worlds/default.json``), read once."""
-    resource = resources.files("pmrlhf")
-    for part in DEFAULT_WORLD_FILE:
-        resource = resource / part
-    return world_config_from_dict(
-        json.loads(resource.read_text(encoding="utf-8")), "/".join(DEFAULT_WORLD_FILE)
-    )
+    return packaged_world_config(DEFAULT_WORLD_FILE[1])
 
 
 def default_world(
