@@ -29,6 +29,32 @@ def tiny_model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), TINY_TEXTS, seed=0)
 
 
+def fit_tiny_world_model(folder):
+    """A tiny model on the default world's vocabulary after 40 SFT steps on the valid answers of
+    one held-out prompt: it answers validly most of the time, and its slips are unlikely tokens.
+    Saved to ``folder``; returns ``(world, tokenizer, policy, prompt, folder)``."""
+    from pmrlhf import models
+    from pmrlhf.world import default_world
+
+    world = default_world()
+    model_dir = models.build_tiny_model(folder, world.vocabulary(), seed=3)
+    tokenizer = models.load_tokenizer(str(model_dir))
+    policy = models.load_causal_lm(str(model_dir))
+    prompt = world.eval_prompts()[0]
+    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    texts = [f"{prompt} {text}{tokenizer.eos_token}" for _, text in world.valid_sequences(prompt)]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
+    for _ in range(40):
+        loss = policy(**batch, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    policy.eval()
+    policy.save_pretrained(model_dir)
+    return world, tokenizer, policy, prompt, model_dir
+
+
 def two_process_launch(*args: str) -> tuple[list[str], dict[str, str]]:
     """An ``accelerate launch`` command and environment for a real two-process CPU run.
 

@@ -19,30 +19,15 @@ from pmrlhf.alpha import (
 )
 from pmrlhf.cli import main
 from pmrlhf.evaluate import valid_sequence_logprobs
-from pmrlhf.world import default_world
 
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    """A tiny model on the default world's vocabulary after SFT on one prompt's valid answers:
-    it answers validly most of the time and its slips are unlikely tokens. Saved to disk too."""
-    world = default_world()
-    model_dir = models.build_tiny_model(tmp_path_factory.mktemp("m"), world.vocabulary(), seed=3)
-    tokenizer = models.load_tokenizer(str(model_dir))
-    policy = models.load_causal_lm(str(model_dir))
-    prompt = world.eval_prompts()[0]
-    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
-    texts = [f"{prompt} {text}{tokenizer.eos_token}" for _, text in world.valid_sequences(prompt)]
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
-    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-    for _ in range(40):
-        loss = policy(**batch, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    policy.eval()
-    policy.save_pretrained(model_dir)
-    return world, tokenizer, policy, prompt, model_dir
+    """A tiny model that answers one prompt validly most of the time; its slips are unlikely
+    tokens (conftest.fit_tiny_world_model). Saved to disk too."""
+    from conftest import fit_tiny_world_model
+
+    return fit_tiny_world_model(tmp_path_factory.mktemp("m"))
 
 
 def test_separating_alpha_lies_in_the_gap_between_slips_and_valid_tokens():

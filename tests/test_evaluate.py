@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from pmrlhf import models
 from pmrlhf.cli import main
 from pmrlhf.evaluate import (
     PromptSamples,
@@ -42,21 +41,10 @@ def test_pmd_from_samples_pairs_consecutive_samples():
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """A tiny model after a few SFT steps on the valid answers of one held-out prompt."""
-    world = default_world()
-    model_dir = models.build_tiny_model(tmp_path_factory.mktemp("m"), world.vocabulary(), seed=3)
-    tokenizer = models.load_tokenizer(str(model_dir))
-    policy = models.load_causal_lm(str(model_dir)).eval()
-    prompt = world.eval_prompts()[0]
-    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
-    texts = [f"{prompt} {text}{tokenizer.eos_token}" for _, text in world.valid_sequences(prompt)]
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
-    labels = batch.input_ids.masked_fill(batch.attention_mask == 0, -100)
-    for _ in range(40):
-        loss = policy(**batch, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return world, tokenizer, policy.eval(), prompt
+    from conftest import fit_tiny_world_model
+
+    world, tokenizer, policy, prompt, _ = fit_tiny_world_model(tmp_path_factory.mktemp("m"))
+    return world, tokenizer, policy, prompt
 
 
 def test_exact_answer_distribution_is_a_distribution_and_matches_sampling(fitted):
