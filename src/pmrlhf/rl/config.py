@@ -18,6 +18,7 @@ from pmrlhf.optim import OptimConfig
 from pmrlhf.regularizers import PENALTY_ESTIMATORS, REGULARIZERS, make_regularizer
 from pmrlhf.rl.advantages import ADVANTAGE_ESTIMATORS
 from pmrlhf.rl.rewards import is_model_reward
+from pmrlhf.rl.rollout import DECODERS
 
 
 def _positive(value: float) -> bool:
@@ -144,9 +145,17 @@ class RLConfig(OptimConfig):
     )
     top_p: float = option(1.0, help="nucleus sampling during rollouts (<1 breaks the PM target)")
     top_k: int = option(0, help="top-k sampling during rollouts (0 = off; >0 breaks the PM target)")
+    decoder: str = option(
+        "auto",
+        choices=["auto", *DECODERS],
+        help="sampling loop of the rollouts: lean (pmrlhf's own loop over a static cache, fastest "
+        "for small models on a CPU), hf (Hugging Face generate, compiled static-cache decoding on "
+        "a GPU) or auto (lean on a CPU, hf elsewhere); both sample the same distribution",
+    )
     cache_implementation: str | None = option(
         None,
-        help="HF generation cache ('static' is fastest on GPU); default: static on CUDA, dynamic on CPU",
+        help="HF generation cache of the hf decoder ('static' is fastest on GPU); default: static "
+        "on CUDA, dynamic on CPU",
     )
     # optimisation (the shared fields lr, weight_decay, lr_schedule, warmup_steps,
     # max_grad_norm, seed and dtype come from OptimConfig)
@@ -184,7 +193,10 @@ class RLConfig(OptimConfig):
         """Raise ValueError naming the first field that is out of range (runs on construction)."""
         if not self.policy:
             raise ValueError("config: `policy` is required (a hub id, folder or .gguf file)")
-        for name, registry in (("algo", ADVANTAGE_ESTIMATORS), ("regularizer", REGULARIZERS)):
+        decoders = {"auto": None, **DECODERS}
+        for name, registry in (
+            ("algo", ADVANTAGE_ESTIMATORS), ("regularizer", REGULARIZERS), ("decoder", decoders),
+        ):  # fmt: skip
             if getattr(self, name) not in registry:
                 raise ValueError(
                     f"config: {name} must be one of {sorted(registry)}, got {getattr(self, name)!r}"

@@ -264,6 +264,11 @@ class RLTrainer:
         own_dtype = next(model.parameters()).dtype == self.dtype
         if cache is None and self.device.type == "cuda" and own_dtype:
             cache = "static"  # fastest HF decoding; needs weights in the compute dtype
+        decoder = c.decoder
+        if decoder == "auto":
+            # the lean loop saves Python and sampling overhead, which dominates only on a CPU;
+            # on a GPU, HF's compiled static-cache decoding is faster than any eager loop
+            decoder = "lean" if self.device.type == "cpu" else "hf"
         was_training = model.training
         model.eval()
         rollout = generate(
@@ -277,6 +282,7 @@ class RLTrainer:
             top_k=c.top_k,
             cache_implementation=cache,
             allowed_token_ids=self.allowed_token_ids,
+            decoder=decoder,
         )
         model.train(was_training)
         return rollout

@@ -1,0 +1,159 @@
+"""A lean ancestral-sampling decoder: the model's forward in a short loop over a static KV cache.
+
+For small models on a CPU, Hugging Face ``generate`` spends about as long around the model as
+in its matrix products: ``torch.multinomial`` over the whole vocabulary at every step draws one
+random number per vocabulary entry, the dynamic cache concatenates its keys and values at every
+step, and logits processors, stopping criteria and input preparation run in Python each step.
+:func:`decode` keeps only what ancestral sampling needs:
+
+- one prefill of the prompts into a pre-allocated cache, then one forward per new token;
+- the next-token distribution of :func:`next_token_logits`, which applies the same settings as
+  ``generate`` in the same order (allowed tokens, EOS blocked before ``min_new_tokens``,
+  temperature, top-k, top-p) with the same definitions;
+- :func:`sample_categorical`, inverse-CDF sampling with one uniform number per row. It draws
+  token ``v`` with probability exactly ``p(v)`` (up to the fp32 rounding of the cumulative
+  sum), so the sampled distribution is the one ``generate`` samples, though not the same
+  draws for the same seed.
+
+Positions come from the attention mask, as in :func:`pmrlhf.rl.rollout.token_logprobs`, so the
+log-probability of a token at scoring time is the one it was sampled with. A checkpoint's
+``generation_config`` is never read.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def next_token_logits(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    allowed: Tensor | None = None,
+    blocked: Tensor | None = None,
+) -> Tensor:
+    """The fp32 logits whose softmax is the next-token sampling distribution, ``(B, V)``.
+
+    Settings apply in ``generate``'s order: ``allowed`` (a boolean ``(V,)`` mask) and
+    ``blocked`` (token ids, e.g. EOS before ``min_new_tokens``) set logits to ``-inf``; then
+    the logits are divided by ``temperature``; ``top_k > 0`` keeps the tokens whose logit is at
+    least the k-th largest (ties included); ``top_p < 1`` drops, in ascending order of
+    probability, every token whose cumulative probability up to and including it is at most
+    ``1 − top_p``, and always keeps the most likely token.
+    """
+    logits = logits.float()
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    if blocked is not None and blocked.numel():
+        logits = logits.index_fill(-1, blocked, float("-inf"))
+    if temperature != 1.0:
+        logits = logits / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ascending, order = torch.sort(logits, dim=-1)
+        mass_so_far = torch.softmax(ascending, dim=-1).cumsum(dim=-1)
+        drop = mass_so_far <= 1.0 - top_p
+        drop[..., -1] = False  # the most likely token always stays
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One draw per row of ``probs`` ``(B, V)``, by inverting the cumulative distribution.
+
+    Row ``b`` returns ``v`` when ``u · Σ p ∈ [cdf(v−1), cdf(v))`` for a uniform ``u``: that
+    interval has length ``p(v)``, so zero-probability tokens are never drawn, and only ``B``
+    random numbers are needed, where ``torch.multinomial`` draws ``B × V``.
+    """
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype)
+    index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return index.clamp_max_(probs.shape[-1] - 1).squeeze(-1)
+
+
+def _static_cache(model, max_length: int):
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=max_length)
+
+
+@torch.no_grad()
+def decode(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    max_new_tokens: int,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    min_new_tokens: int = 0,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    allowed_token_ids: list[int] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sample up to ``max_new_tokens`` tokens after left-padded prompts ``(B, P)``.
+
+    Returns the response ids ``(B, T)``, ``T ≤ max_new_tokens``, and the log-probability each
+    token was drawn with (fp32, ``(B, T)``; 0 after a row's end). Decoding stops once every row
+    has produced an EOS from ``eos_token_ids`` (pass ``[]`` to always decode ``max_new_tokens``),
+    and a row's tokens after its EOS are ``pad_token_id``. Random numbers come from torch's
+    global generator on the model's device.
+    """
+    batch, prompt_length = input_ids.shape
+    device = input_ids.device
+    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
+    # the mask of every position the cache will hold; a row's new positions are always attended
+    mask = torch.cat([attention_mask, attention_mask.new_ones((batch, max_new_tokens))], dim=1)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    cache = _static_cache(model, prompt_length + max_new_tokens)
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        cache_position=torch.arange(prompt_length, device=device),
+        logits_to_keep=1,
+    ).logits[:, -1]
+    allowed = None
+    if allowed_token_ids is not None:
+        allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+        allowed[torch.tensor(allowed_token_ids, device=device)] = True
+    position = positions[:, -1:]
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    tokens: list[Tensor] = []
+    logprobs: list[Tensor] = []
+    for step in range(max_new_tokens):
+        probs = torch.softmax(
+            next_token_logits(
+                logits, temperature, top_k, top_p, allowed,
+                blocked=eos if step < min_new_tokens else None,
+            ),
+            dim=-1,
+        )  # fmt: skip
+        token = sample_categorical(probs)
+        logprob = probs.gather(-1, token.unsqueeze(-1)).squeeze(-1).log()
+        token = torch.where(finished, pad_token_id, token)
+        tokens.append(token)
+        logprobs.append(logprob.masked_fill(finished, 0.0))
+        if eos.numel():
+            finished |= torch.isin(token, eos)
+            if bool(finished.all()):
+                break
+        if step + 1 == max_new_tokens:
+            break
+        position = position + 1
+        length = prompt_length + step + 1
+        logits = model(
+            input_ids=token.unsqueeze(-1),
+            attention_mask=mask[:, : length + 1],
+            position_ids=position,
+            past_key_values=cache,
+            use_cache=True,
+            cache_position=torch.tensor([length], device=device),
+        ).logits[:, -1]
+    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
