@@ -703,8 +703,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         if "floor_seconds" in side:
             phases = ", ".join(f"{k} {v:.2f}x" for k, v in side["phase_over_floor"].items())
             line += (
-                f" = {side['step_over_floor']:.2f}x its floor {side['floor_seconds']:.4f} s"
-                f" ({side['flops_per_step']['total'] / 1e9:.2f} GFLOP); per phase: {phases}"
+                f" = {side['step_over_floor']:.2f}x its floor {side['floor_seconds']:.4g} s"
+                f" ({side['flops_per_step']['total'] / 1e9:.4g} GFLOP); per phase: {phases}"
             )
         lines.append(line)
     for name, value in (floor or {}).get("trl_over_floor", {}).items():

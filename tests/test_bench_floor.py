@@ -199,3 +199,23 @@ def test_benchmark_reports_its_floor(bench_args, tmp_path, capsys):
             )
     err = capsys.readouterr().err
     assert "peak matmul" in err and "pmrlhf_kl:" in err and "its floor" in err
+
+
+def test_benchmark_floor_against_trl(bench_args, tmp_path):
+    """With TRL in the run, ``trl_over_floor`` is TRL's step time over each side's floor."""
+    pytest.importorskip("trl")
+    out = tmp_path / "result.json"
+    argv = ["--preset", "cpu-tiny", "--sides", "trl,kl,pm", "--steps", "2", "--warmup", "1",
+            "--prompts-per-step", "2", "--samples-per-prompt", "2", "--prompt-tokens", "5",
+            "--new-tokens", "4", "--vocab", "64", "--num-prompts", "4", "--threads", "1",
+            "--model-dir", str(bench_args[1]), "--json", str(out)]  # fmt: skip
+    assert bench_rloo.main(argv) == 0
+    result = json.loads(out.read_text())
+    trl_over = result["floor"]["trl_over_floor"]
+    assert set(trl_over) == {"pmrlhf_kl", "pmrlhf_pm"}
+    for name, ratio in trl_over.items():
+        expected = result["trl"]["seconds_per_step"] / result[name]["floor_seconds"]
+        assert ratio == pytest.approx(expected, rel=1e-2)
+    # the kl side does a reference forward that the pm side does not: a higher floor
+    assert result["pmrlhf_kl"]["floor_seconds"] > result["pmrlhf_pm"]["floor_seconds"]
+    assert trl_over["pmrlhf_kl"] < trl_over["pmrlhf_pm"]
