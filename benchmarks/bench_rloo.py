@@ -22,6 +22,15 @@ step time goes (generate, reward, reference, policy forward, backward, optimizer
 ``time_*`` metrics that ``RLTrainer.train_step()`` records itself. ``--profile`` adds that breakdown
 for the kl side under ``profile`` and prints a cProfile of one more step to stderr. ``--dry-run``
 checks the arguments, prints the resolved plan (with the exact parameter count) and exits.
+
+Every pmrlhf side is also measured against its compute floor (``benchmarks/flops.py``): the
+matmul FLOPs of its step, counted from the model's shape and the batch, divided by the peak
+``torch.mm`` rate of this machine, timed in the same process with the same threads, device and
+dtype (before and after the steps; the higher rate counts). Each side reports
+``flops_per_step`` (per phase), ``floor_seconds``, ``step_over_floor`` (its median step time ÷
+its floor) and, per phase, ``phase_floor_seconds`` and ``phase_over_floor``; ``floor`` holds
+the peak rate and ``trl_over_floor``, TRL's step time ÷ each side's floor: the highest speed-up
+over TRL that arithmetic allows. A short human-readable summary goes to stderr.
 """
 
 from __future__ import annotations
@@ -51,6 +60,10 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 ROOT = Path(__file__).resolve().parents[1]
 if (ROOT / "src" / "pmrlhf").is_dir() and str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from flops import ModelShape, measure_peak_matmul, peak_shapes, rl_step_flops  # noqa: E402
 
 REWARD_WORD = "good"
 SPECIAL_TOKENS = 4  # <pad> <s> </s> <unk>, first in every pmrlhf word tokenizer
@@ -478,7 +491,7 @@ def lockstep_callback(args: argparse.Namespace, pm_sides: list[PmrlhfSide]):
             self.trl_times: list[float] = []
             self.lengths: list[tuple[float, float]] = []
             self.mark: float | None = None
-            self.trainer = None  # set once the RLOOTrainer exists
+            self.trainer: Any = None  # set once the RLOOTrainer exists
 
         def on_train_begin(self, *a, **k):
             self.mark = now(args.device)
@@ -589,6 +602,119 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------------------------- the floor
+FLOOR_PHASES = ("generate", "reference", "policy_forward", "backward")
+
+
+def measure_peak(args: argparse.Namespace) -> dict[str, Any]:
+    """This machine's peak ``torch.mm`` rate in the run's device, dtype and thread count."""
+    tokens = (
+        args.prompts_per_step * args.samples_per_prompt * (args.prompt_tokens + args.new_tokens)
+    )
+    shapes = peak_shapes(args.device, tokens, args.hidden, args.intermediate)
+    return measure_peak_matmul(args.device, torch_dtype(args.dtype), shapes)
+
+
+def side_flops(side: PmrlhfSide, args: argparse.Namespace) -> dict[str, int]:
+    """Matmul FLOPs per phase of one step of ``side``, from its policy's own config.
+
+    Every prompt is ``prompt_tokens`` words, one token each (the word tokenizer adds no special
+    tokens), and every completion exactly ``new_tokens`` tokens (EOS is disabled).
+    """
+    trainer = side.trainer
+    config = trainer.accelerator.unwrap_model(trainer.policy).config
+    return rl_step_flops(
+        ModelShape.from_config(config),
+        completions=args.prompts_per_step * args.samples_per_prompt,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        reference=trainer.ref is not None,
+    )
+
+
+def significant(x: float, digits: int = 5) -> float:
+    """``x`` rounded to ``digits`` significant digits (floors of tiny models are microseconds)."""
+    return float(f"{x:.{digits}g}")
+
+
+def add_floor(
+    args: argparse.Namespace,
+    pm_sides: list[PmrlhfSide],
+    sides: dict[str, dict[str, Any]],
+    peaks: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Add each pmrlhf side's FLOPs, floor and step-over-floor to ``sides``; return the
+    ``floor`` block (peak rate, and TRL's step time over each side's floor).
+
+    ``peaks`` are the measurements before and after the steps; the faster one is the peak.
+    ``step_over_floor`` is the median step time over the floor; ``phase_over_floor`` the mean
+    phase time (``phase_seconds``) over that phase's floor.
+    """
+    import torch
+
+    best = max(peaks, key=lambda p: p["peak_gflops"])
+    rate = best["peak_gflops"] * 1e9  # FLOP/s
+    block: dict[str, Any] = {
+        "peak_matmul_gflops": round(best["peak_gflops"], 2),
+        "peak_matmul_shape": best["peak_shape"],
+        "peak_matmul_dtype": args.dtype,
+        "peak_matmul_threads": torch.get_num_threads(),
+        "matmul_gflops_by_shape": [p["gflops_by_shape"] for p in peaks],
+        "counted": "matmul FLOPs only (linear layers, LM head, q·kᵀ and p·v); benchmarks/flops.py",
+    }
+    trl_over: dict[str, float] = {}
+    for side in pm_sides:
+        summary = sides[side.name]
+        flops = side_flops(side, args)
+        floor = flops["total"] / rate
+        summary["flops_per_step"] = flops
+        summary["floor_seconds"] = significant(floor)
+        summary["step_over_floor"] = round(summary["seconds_per_step"] / floor, 3)
+        phase_floor = {k: flops[k] / rate for k in FLOOR_PHASES if k in flops}
+        phase_time = summary.get("phase_seconds", {})
+        summary["phase_floor_seconds"] = {k: significant(v) for k, v in phase_floor.items()}
+        summary["phase_over_floor"] = {
+            k: round(phase_time[k] / v, 3) for k, v in phase_floor.items() if k in phase_time
+        }
+        if "trl" in sides:
+            trl_over[side.name] = round(sides["trl"]["seconds_per_step"] / floor, 3)
+    if trl_over:
+        block["trl_over_floor"] = trl_over
+    return block
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """The human-readable summary: step times, floors and ratios (printed to stderr)."""
+    lines = []
+    floor = result.get("floor")
+    if floor:
+        shape = "x".join(str(n) for n in floor["peak_matmul_shape"] or [])
+        lines.append(
+            f"peak matmul {floor['peak_matmul_gflops']:.1f} GFLOP/s "
+            f"({floor['peak_matmul_dtype']}, {floor['peak_matmul_threads']} thread(s), "
+            f"mm {shape} on {result['machine']['device']})"
+        )
+    if "trl" in result:
+        lines.append(f"trl: {result['trl']['seconds_per_step']:.4f} s/step")
+    for name, side in result.items():
+        if not name.startswith("pmrlhf_") or not isinstance(side, dict):
+            continue
+        line = f"{name}: {side['seconds_per_step']:.4f} s/step"
+        if "floor_seconds" in side:
+            phases = ", ".join(f"{k} {v:.2f}x" for k, v in side["phase_over_floor"].items())
+            line += (
+                f" = {side['step_over_floor']:.2f}x its floor {side['floor_seconds']:.4g} s"
+                f" ({side['flops_per_step']['total'] / 1e9:.4g} GFLOP); per phase: {phases}"
+            )
+        lines.append(line)
+    for name, value in (floor or {}).get("trl_over_floor", {}).items():
+        lines.append(f"trl / {name} floor = {value:.2f}x (the best ratio over TRL by arithmetic)")
+    for key in ("ratio_pmrlhf_over_trl", "ratio_pmrlhf_pm_over_trl", "ratio_pm_over_kl_step_time"):
+        if key in result:
+            lines.append(f"{key}: {result[key]}")
+    return lines
+
+
 # ---------------------------------------------------------------------------------- profiling
 def phase_breakdown(side: PmrlhfSide, args: argparse.Namespace) -> dict[str, Any]:
     """Mean seconds per phase over the side's timed steps, from the trainer's own metrics.
@@ -682,6 +808,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for est in estimators
         ]
         total = args.warmup + args.steps
+        peaks = [measure_peak(args)] if pm_sides else []
         print(f"[bench] {len(args.sides)} sides x {total} steps ...", file=sys.stderr)
         if "trl" in args.sides:
             callback = lockstep_callback(args, pm_sides)
@@ -701,14 +828,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for side in pm_sides:
                     side.step()
 
+        if pm_sides:
+            peaks.append(measure_peak(args))  # the machine as the steps left it
+
         sides: dict[str, dict[str, Any]] = {}
-        if trl_times:
+        if trl_times and trl_lengths is not None:
             sides["trl"] = summarize(trl_times, args)
             sides["trl"]["completion_tokens_min_max"] = list(trl_lengths)
         for side in pm_sides:
             sides[side.name] = summarize(side.times, args)
             sides[side.name]["completion_tokens_mean"] = round(statistics.fmean(side.lengths), 3)
             sides[side.name]["phase_seconds"] = phase_breakdown(side, args)["mean_seconds"]
+        if pm_sides:
+            result["floor"] = add_floor(args, pm_sides, sides, peaks)
         result.update(sides)
 
         lengths_ok = all(abs(x - args.new_tokens) < 1e-6 for s in pm_sides for x in s.lengths)
@@ -774,6 +906,8 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args)
     text = json.dumps(result, indent=2)
     print(text)
+    for line in summary_lines(result):
+        print(f"[bench] {line}", file=sys.stderr)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(text + "\n")
