@@ -282,9 +282,15 @@ PROBLEM = make_problem("2,0,-1;0,1,0.5", "0.1,0.3,0.6")
 @pytest.mark.parametrize("algo", ["ppo", "rloo", "grpo", "reinforce_pp"])
 @pytest.mark.parametrize("regularizer", ["pm", "kl", "cpm"])
 def test_bandit_converges_to_closed_form_with_full(algo, regularizer):
+    """The full estimator's fixed point is the closed form. Near the optimum its gradient keeps
+    the reward's sampling noise, which the sampled estimator cancels there (r − β·p is the same
+    for every response at the optimum; docs/method.md §8). With the sampled estimator's 16
+    responses per prompt, three of the four kl runs at seed 0 ended 0.032–0.039 from the
+    optimum, so this run draws 64."""
     result = run_bandit(
-        PROBLEM, regularizer=regularizer, algo=algo, beta=0.7, alpha=0.25, penalty_estimator="full"
-    )
+        PROBLEM, regularizer=regularizer, algo=algo, beta=0.7, alpha=0.25,
+        penalty_estimator="full", samples_per_prompt=64,
+    )  # fmt: skip
     torch.testing.assert_close(result.reference, PROBLEM.ref, atol=2e-3, rtol=0)
     assert float(result.tv.max()) <= 0.03, result.to_json()
     assert float((result.learned - result.reference).abs().sum(-1).max()) > 0.3
