@@ -615,11 +615,15 @@ def measure_peak(args: argparse.Namespace) -> dict[str, Any]:
     return measure_peak_matmul(args.device, torch_dtype(args.dtype), shapes)
 
 
-def side_flops(side: PmrlhfSide, args: argparse.Namespace) -> dict[str, int]:
+def side_flops(
+    side: PmrlhfSide, args: argparse.Namespace, prompts: int | None = None, attention: bool = True
+) -> dict[str, int]:
     """Matmul FLOPs per phase of one step of ``side``, from its policy's own config.
 
     Every prompt is ``prompt_tokens`` words, one token each (the word tokenizer adds no special
-    tokens), and every completion exactly ``new_tokens`` tokens (EOS is disabled).
+    tokens), and every completion exactly ``new_tokens`` tokens (EOS is disabled). The lean
+    decoder (the CPU default) prefills each distinct prompt once: ``prompts`` distinct prompts
+    (default ``prompts_per_step``, which a step's draw with replacement can only lower).
     """
     trainer = side.trainer
     config = trainer.accelerator.unwrap_model(trainer.policy).config
@@ -629,6 +633,8 @@ def side_flops(side: PmrlhfSide, args: argparse.Namespace) -> dict[str, int]:
         prompt_tokens=args.prompt_tokens,
         new_tokens=args.new_tokens,
         reference=trainer.ref is not None,
+        attention=attention,
+        prompts=(prompts or args.prompts_per_step) if trainer.decoder == "lean" else None,
     )
 
 

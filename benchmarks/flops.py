@@ -118,12 +118,18 @@ def forward_flops(
 
 
 def generation_flops(
-    shape: ModelShape, sequences: int, prompt_tokens: int, new_tokens: int, attention: bool = True
+    shape: ModelShape,
+    sequences: int,
+    prompt_tokens: int,
+    new_tokens: int,
+    attention: bool = True,
+    prompts: int | None = None,
 ) -> int:
     """Sampling ``new_tokens`` tokens after ``prompt_tokens`` prompt tokens with a KV cache.
 
-    The prefill runs the prompt and applies the LM head at its last position only; it yields
-    the first token. Each of the ``new_tokens − 1`` decoding steps then runs one token per
+    The prefill runs each of the ``prompts`` distinct prompts once (default: one per sequence;
+    the lean decoder shares a prompt's keys and values among its responses) and applies the LM
+    head at its last position only; it yields the first token. Each of the ``new_tokens − 1`` decoding steps then runs one token per
     sequence with the LM head, attending to the ``prompt_tokens + t`` cached positions at step
     ``t``. Hugging Face ``generate`` stops after the last token is sampled, without a forward
     over it. A static cache (compiled CUDA decoding) attends to every slot of the cache, real or
@@ -131,7 +137,8 @@ def generation_flops(
     """
     if new_tokens < 1:
         return 0
-    flops = forward_flops(shape, sequences, prompt_tokens, 1, attention)
+    distinct = sequences if prompts is None else prompts
+    flops = forward_flops(shape, distinct, prompt_tokens, 1, attention)
     steps = new_tokens - 1
     flops += sequences * steps * (linear_flops_per_token(shape) + lm_head_flops(shape, 1))
     if attention:
@@ -147,6 +154,7 @@ def rl_step_flops(
     new_tokens: int,
     reference: bool,
     attention: bool = True,
+    prompts: int | None = None,
 ) -> dict[str, int]:
     """Matmul FLOPs of one pmrlhf step with one epoch over one minibatch (``ppo_epochs=1``,
     ``minibatches=1``), per phase, keyed like the trainer's ``time_<phase>`` metrics, plus
@@ -155,7 +163,8 @@ def rl_step_flops(
     ``completions`` = prompts per step × samples per prompt, each ``prompt_tokens`` +
     ``new_tokens`` tokens long. Phases:
 
-    - ``generate``: :func:`generation_flops`;
+    - ``generate``: :func:`generation_flops`, whose prefill covers ``prompts`` distinct prompts
+      (default ``completions``);
     - ``reference`` (only when ``reference``: kl and cpm load one, pm does not): one no-grad
       forward over the whole sequences with the LM head on the ``new_tokens + 1`` last positions
       (:func:`pmrlhf.rl.rollout.response_logits`);
@@ -173,7 +182,9 @@ def rl_step_flops(
     length = prompt_tokens + new_tokens
     policy = forward_flops(shape, completions, length, logits, attention)
     phases = {
-        "generate": generation_flops(shape, completions, prompt_tokens, new_tokens, attention)
+        "generate": generation_flops(
+            shape, completions, prompt_tokens, new_tokens, attention, prompts
+        )
     }
     if reference:
         phases["reference"] = policy

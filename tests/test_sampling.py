@@ -99,13 +99,16 @@ def world_model(tmp_path_factory):
     return world, tokenizer, policy, chosen
 
 
+@pytest.mark.parametrize("repeats", [1, 3])
 @pytest.mark.parametrize("stop_at_eos", [True, False])
 def test_a_single_allowed_path_gives_identical_rollouts_with_both_decoders(
-    world_model, stop_at_eos
+    world_model, stop_at_eos, repeats
 ):
     """top_k=1 leaves one token per step: both decoders must then return the same rollout,
-    for prompts of different lengths (left padding, positions) and rows that end early."""
+    for prompts of different lengths (left padding, positions), rows that end early, and
+    repeated prompts (whose prefill the lean decoder shares)."""
     _, tokenizer, model, prompts = world_model
+    prompts = [p for p in prompts for _ in range(repeats)]
     rollouts = {
         name: generate(
             model, tokenizer, prompts, max_new_tokens=9, top_k=1, stop_at_eos=stop_at_eos,
@@ -131,6 +134,20 @@ def test_the_lean_decoder_stops_when_every_row_has_ended(model_and_tokenizer):
     )
     assert rollout.response_ids.shape[1] == 1
     assert rollout.response_ids[:, 0].tolist() == [eos] * len(PROMPTS)
+
+
+def test_all_steps_decodes_to_the_maximum_with_padding_after_each_end(model_and_tokenizer):
+    """Processes decoding a sharded model together never stop early; the rollout is the same."""
+    model, tokenizer = model_and_tokenizer
+    eos = tokenizer.eos_token_id
+    rollout = generate(
+        model, tokenizer, PROMPTS, max_new_tokens=6, allowed_token_ids=[eos], decoder="lean",
+        all_steps=True,
+    )  # fmt: skip
+    assert rollout.response_ids.shape[1] == 6
+    assert rollout.response_ids[:, 0].tolist() == [eos] * len(PROMPTS)
+    assert bool((rollout.response_ids[:, 1:] == tokenizer.pad_token_id).all())
+    assert rollout.response_mask.sum(1).tolist() == [1] * len(PROMPTS)
 
 
 def test_min_new_tokens_holds_eos_back_then_lets_it_through(model_and_tokenizer):

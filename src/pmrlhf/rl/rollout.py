@@ -142,6 +142,9 @@ class SamplingSettings:
     pad_token_id: int = 0
     bos_token_id: int | None = None
     allowed_token_ids: tuple[int, ...] | None = None
+    #: processes decode a sharded model together: none may stop while another still decodes
+    #: (the lean decoder runs ``max_new_tokens`` steps; ``generate`` gets ``synced_gpus``)
+    all_steps: bool = False
 
 
 def _decode_with_hf_generate(
@@ -161,7 +164,9 @@ def _decode_with_hf_generate(
         bos_token_id=settings.bos_token_id,
         cache_implementation=cache_implementation,
     )
-    extra = {}
+    extra: dict = {}
+    if settings.all_steps:
+        extra["synced_gpus"] = True  # every process runs until all of them are done
     if settings.allowed_token_ids is not None:
         extra["logits_processor"] = [_AllowedTokens(list(settings.allowed_token_ids))]
     if cache_implementation == "static":
@@ -198,6 +203,7 @@ def _decode_lean(
         allowed_token_ids=(
             None if settings.allowed_token_ids is None else list(settings.allowed_token_ids)
         ),
+        stop_when_done=not settings.all_steps,
     )
     return response_ids
 
@@ -222,6 +228,7 @@ def generate(
     cache_implementation: str | None = None,
     allowed_token_ids: list[int] | None = None,
     decoder: str = "hf",
+    all_steps: bool = False,
 ) -> Rollout:
     """Sample one response per prompt: plain ancestral sampling by default.
 
@@ -230,7 +237,8 @@ def generate(
     and the like is ignored (see :func:`sampling_config`). ``allowed_token_ids`` restricts
     sampling to a fixed token set; pass the same list to :func:`token_logprobs` so that scoring
     uses the same renormalised distribution. ``decoder`` picks the sampling loop from
-    :data:`DECODERS`; ``cache_implementation`` applies to ``hf`` only.
+    :data:`DECODERS`; ``cache_implementation`` applies to ``hf`` only. ``all_steps`` is for
+    processes that decode a sharded model together (see :class:`SamplingSettings`).
     """
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {list(DECODERS)}, got {decoder!r}")
@@ -249,6 +257,7 @@ def generate(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         allowed_token_ids=None if allowed_token_ids is None else tuple(allowed_token_ids),
+        all_steps=all_steps,
     )
     response_ids = DECODERS[decoder](
         model, encoded.input_ids, encoded.attention_mask, settings, cache_implementation
@@ -329,14 +338,14 @@ def logprobs_from_logits(
     logits = logits.float()
     targets = sequences[:, prompt_length:]
     valid = attention_mask[:, prompt_length:].bool()
-    log_norm = torch.logsumexp(logits, dim=-1)
-    picked = torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1)
-    logp = torch.where(valid, picked - log_norm, 0.0)
+    # one fused pass forward and backward; logsumexp then subtracting takes several
+    log_probs = torch.log_softmax(logits, dim=-1)
+    picked = torch.gather(log_probs, -1, targets.unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(valid, picked, 0.0)
     entropy = None
     if with_entropy:
         with torch.no_grad():
-            # -inf logits (a restricted token set) are made finite first; a no-op otherwise
-            entropy = torch.where(valid, _entropy(logits, log_norm, restricted=True), 0.0)
+            entropy = torch.where(valid, _entropy(log_probs), 0.0)
     return logp, entropy
 
 
@@ -361,16 +370,14 @@ def token_logprobs(
     return logprobs_from_logits(logits, sequences, attention_mask, prompt_length, with_entropy)
 
 
-def _entropy(logits: Tensor, log_norm: Tensor, restricted: bool) -> Tensor:
-    """``H = log Z − Σ p·logit`` with ``p = exp(logit − log Z)``, reusing the normaliser.
+def _entropy(log_probs: Tensor) -> Tensor:
+    """``H = −Σ p·log p`` from log-probabilities over the last dimension.
 
-    With ``restricted``, logits at ``-inf`` (tokens outside the allowed set) have ``p = 0`` and
-    are made finite first so that they contribute ``0`` rather than ``0·(−inf) = NaN``.
+    Tokens outside an allowed set have ``log p = −inf`` and ``p = 0``: their log-probability is
+    made finite first, so that they contribute ``0`` rather than ``0·(−inf) = NaN``.
     """
-    probs = (logits - log_norm.unsqueeze(-1)).exp_()
-    if restricted:
-        logits = logits.clamp_min(torch.finfo(logits.dtype).min)
-    return log_norm - torch.linalg.vecdot(probs, logits)
+    finite = log_probs.clamp_min(torch.finfo(log_probs.dtype).min)
+    return -torch.linalg.vecdot(log_probs.exp(), finite)
 
 
 class ValueModel(torch.nn.Module):

@@ -81,6 +81,14 @@ def _static_cache(model, max_length: int):
     return StaticCache(config=model.config, max_cache_len=max_length)
 
 
+def _select_cache_rows(cache, rows: Tensor) -> None:
+    """Make row ``b`` of every layer's keys and values a copy of row ``rows[b]``."""
+    for layer in cache.layers:
+        layer.keys = layer.keys.index_select(0, rows)
+        layer.values = layer.values.index_select(0, rows)
+        layer.batch_size = rows.numel()
+
+
 @torch.no_grad()
 def decode(
     model,
@@ -94,14 +102,17 @@ def decode(
     top_k: int = 0,
     top_p: float = 1.0,
     allowed_token_ids: list[int] | None = None,
+    stop_when_done: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Sample up to ``max_new_tokens`` tokens after left-padded prompts ``(B, P)``.
 
     Returns the response ids ``(B, T)``, ``T ≤ max_new_tokens``, and the log-probability each
     token was drawn with (fp32, ``(B, T)``; 0 after a row's end). Decoding stops once every row
     has produced an EOS from ``eos_token_ids`` (pass ``[]`` to always decode ``max_new_tokens``),
-    and a row's tokens after its EOS are ``pad_token_id``. Random numbers come from torch's
-    global generator on the model's device.
+    and a row's tokens after its EOS are ``pad_token_id``. With ``stop_when_done=False`` it
+    always runs ``max_new_tokens`` steps: processes that decode a sharded model together (FSDP,
+    ZeRO-3) gather weights in every forward, so none may stop before the others. Random numbers
+    come from torch's global generator on the model's device.
     """
     batch, prompt_length = input_ids.shape
     device = input_ids.device
@@ -110,15 +121,27 @@ def decode(
     mask = torch.cat([attention_mask, attention_mask.new_ones((batch, max_new_tokens))], dim=1)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     cache = _static_cache(model, prompt_length + max_new_tokens)
+    # Several responses per prompt (RLOO, GRPO) share their prompt's keys and values: the
+    # prefill runs once per distinct prompt, and the cache rows are then copied to every row.
+    rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
+    distinct, row_of = torch.unique(rows, dim=0, return_inverse=True)
+    shared = distinct.shape[0] < batch
+    if shared:
+        first = torch.full((distinct.shape[0],), batch, dtype=torch.long, device=device)
+        first.scatter_reduce_(0, row_of, torch.arange(batch, device=device), "amin")
+    prefill = first if shared else slice(None)
     logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=positions,
+        input_ids=input_ids[prefill],
+        attention_mask=attention_mask[prefill],
+        position_ids=positions[prefill],
         past_key_values=cache,
         use_cache=True,
         cache_position=torch.arange(prompt_length, device=device),
         logits_to_keep=1,
     ).logits[:, -1]
+    if shared:
+        _select_cache_rows(cache, row_of)
+        logits = logits[row_of]
     allowed = None
     if allowed_token_ids is not None:
         allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
@@ -142,7 +165,7 @@ def decode(
         logprobs.append(logprob.masked_fill(finished, 0.0))
         if eos.numel():
             finished |= torch.isin(token, eos)
-            if bool(finished.all()):
+            if stop_when_done and bool(finished.all()):
                 break
         if step + 1 == max_new_tokens:
             break

@@ -257,6 +257,29 @@ class RLTrainer:
                 targets[name].copy_(param)
         return self._rollout_copy
 
+    @property
+    def _sharded_policy(self) -> bool:
+        """Whether the processes hold the policy sharded (FSDP, ZeRO-3): every forward then
+        gathers weights from all of them, so they must decode the same number of steps."""
+        from accelerate.utils import DistributedType
+
+        kind = self.accelerator.distributed_type
+        if self.accelerator.num_processes < 2:
+            return False
+        if kind == DistributedType.FSDP:
+            return True
+        plugin = self.accelerator.state.deepspeed_plugin
+        return kind == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
+
+    @property
+    def decoder(self) -> str:
+        """The rollouts' decoder (:data:`pmrlhf.rl.rollout.DECODERS`), ``auto`` resolved."""
+        if self.config.decoder != "auto":
+            return self.config.decoder
+        # the lean loop saves Python and sampling overhead, which dominates only on a CPU;
+        # on a GPU, HF's compiled static-cache decoding is faster than any eager loop
+        return "lean" if self.device.type == "cpu" else "hf"
+
     def _rollout(self, prompts: list[str]) -> Rollout:
         c = self.config
         model = self._generation_model()
@@ -264,11 +287,6 @@ class RLTrainer:
         own_dtype = next(model.parameters()).dtype == self.dtype
         if cache is None and self.device.type == "cuda" and own_dtype:
             cache = "static"  # fastest HF decoding; needs weights in the compute dtype
-        decoder = c.decoder
-        if decoder == "auto":
-            # the lean loop saves Python and sampling overhead, which dominates only on a CPU;
-            # on a GPU, HF's compiled static-cache decoding is faster than any eager loop
-            decoder = "lean" if self.device.type == "cpu" else "hf"
         was_training = model.training
         model.eval()
         rollout = generate(
@@ -282,7 +300,8 @@ class RLTrainer:
             top_k=c.top_k,
             cache_implementation=cache,
             allowed_token_ids=self.allowed_token_ids,
-            decoder=decoder,
+            decoder=self.decoder,
+            all_steps=self._sharded_policy,
         )
         model.train(was_training)
         return rollout
