@@ -136,13 +136,13 @@ def test_the_lean_decoder_stops_when_every_row_has_ended(model_and_tokenizer):
     assert rollout.response_ids[:, 0].tolist() == [eos] * len(PROMPTS)
 
 
-def test_all_steps_decodes_to_the_maximum_with_padding_after_each_end(model_and_tokenizer):
+def test_a_sharded_model_decodes_every_step_with_padding_after_each_end(model_and_tokenizer):
     """Processes decoding a sharded model together never stop early; the rollout is the same."""
     model, tokenizer = model_and_tokenizer
     eos = tokenizer.eos_token_id
     rollout = generate(
         model, tokenizer, PROMPTS, max_new_tokens=6, allowed_token_ids=[eos], decoder="lean",
-        all_steps=True,
+        sharded=True,
     )  # fmt: skip
     assert rollout.response_ids.shape[1] == 6
     assert rollout.response_ids[:, 0].tolist() == [eos] * len(PROMPTS)
@@ -212,3 +212,11 @@ def test_scoring_reproduces_the_probabilities_the_lean_decoder_sampled_with(worl
 def test_unknown_decoder_is_named():
     with pytest.raises(ValueError, match="decoder must be one of"):
         generate(None, None, [], 1, decoder="beam")
+
+
+def test_the_decoder_option_is_checked_by_name():
+    from pmrlhf.rl.config import RLConfig
+
+    with pytest.raises(ValueError, match="decoder must be one of"):
+        RLConfig(policy="model", decoder="beam")
+    assert RLConfig(policy="model", decoder="lean").decoder == "lean"

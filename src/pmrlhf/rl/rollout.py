@@ -142,9 +142,9 @@ class SamplingSettings:
     pad_token_id: int = 0
     bos_token_id: int | None = None
     allowed_token_ids: tuple[int, ...] | None = None
-    #: processes decode a sharded model together: none may stop while another still decodes
-    #: (the lean decoder runs ``max_new_tokens`` steps; ``generate`` gets ``synced_gpus``)
-    all_steps: bool = False
+    #: processes decode a model sharded over them together: none may stop while another still
+    #: decodes (the lean decoder runs ``max_new_tokens`` steps; ``generate`` gets ``synced_gpus``)
+    sharded: bool = False
 
 
 def _decode_with_hf_generate(
@@ -165,7 +165,7 @@ def _decode_with_hf_generate(
         cache_implementation=cache_implementation,
     )
     extra: dict = {}
-    if settings.all_steps:
+    if settings.sharded:
         extra["synced_gpus"] = True  # every process runs until all of them are done
     if settings.allowed_token_ids is not None:
         extra["logits_processor"] = [_AllowedTokens(list(settings.allowed_token_ids))]
@@ -203,7 +203,7 @@ def _decode_lean(
         allowed_token_ids=(
             None if settings.allowed_token_ids is None else list(settings.allowed_token_ids)
         ),
-        stop_when_done=not settings.all_steps,
+        sharded=settings.sharded,
     )
     return response_ids
 
@@ -228,7 +228,7 @@ def generate(
     cache_implementation: str | None = None,
     allowed_token_ids: list[int] | None = None,
     decoder: str = "hf",
-    all_steps: bool = False,
+    sharded: bool = False,
 ) -> Rollout:
     """Sample one response per prompt: plain ancestral sampling by default.
 
@@ -237,8 +237,8 @@ def generate(
     and the like is ignored (see :func:`sampling_config`). ``allowed_token_ids`` restricts
     sampling to a fixed token set; pass the same list to :func:`token_logprobs` so that scoring
     uses the same renormalised distribution. ``decoder`` picks the sampling loop from
-    :data:`DECODERS`; ``cache_implementation`` applies to ``hf`` only. ``all_steps`` is for
-    processes that decode a sharded model together (see :class:`SamplingSettings`).
+    :data:`DECODERS`; ``cache_implementation`` applies to ``hf`` only. ``sharded`` is for
+    processes that decode a model sharded over them together (see :class:`SamplingSettings`).
     """
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {list(DECODERS)}, got {decoder!r}")
@@ -257,7 +257,7 @@ def generate(
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         allowed_token_ids=None if allowed_token_ids is None else tuple(allowed_token_ids),
-        all_steps=all_steps,
+        sharded=sharded,
     )
     response_ids = DECODERS[decoder](
         model, encoded.input_ids, encoded.attention_mask, settings, cache_implementation

@@ -89,7 +89,6 @@ def _select_cache_rows(cache, rows: Tensor) -> None:
         layer.batch_size = rows.numel()
 
 
-@torch.no_grad()
 def decode(
     model,
     input_ids: Tensor,
@@ -102,18 +101,45 @@ def decode(
     top_k: int = 0,
     top_p: float = 1.0,
     allowed_token_ids: list[int] | None = None,
-    stop_when_done: bool = True,
+    sharded: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Sample up to ``max_new_tokens`` tokens after left-padded prompts ``(B, P)``.
 
     Returns the response ids ``(B, T)``, ``T ≤ max_new_tokens``, and the log-probability each
     token was drawn with (fp32, ``(B, T)``; 0 after a row's end). Decoding stops once every row
     has produced an EOS from ``eos_token_ids`` (pass ``[]`` to always decode ``max_new_tokens``),
-    and a row's tokens after its EOS are ``pad_token_id``. With ``stop_when_done=False`` it
-    always runs ``max_new_tokens`` steps: processes that decode a sharded model together (FSDP,
-    ZeRO-3) gather weights in every forward, so none may stop before the others. Random numbers
-    come from torch's global generator on the model's device.
+    and a row's tokens after its EOS are ``pad_token_id``. Random numbers come from torch's
+    global generator on the model's device.
+
+    ``sharded``: several processes decode a model sharded over them (FSDP, ZeRO-3), which
+    gathers weights in every forward. Every process then runs all ``max_new_tokens`` steps, so
+    that none stops while another still needs it, and decoding runs under ``no_grad`` rather
+    than inference mode, which would mark the gathered weights as unusable for training.
     """
+    # Inference mode skips autograd's per-operation bookkeeping, a visible share of a small
+    # model's decoding step; the results are cloned out of it so that training can use them.
+    with torch.no_grad() if sharded else torch.inference_mode():
+        tokens, logprobs = _decode(
+            model, input_ids, attention_mask, max_new_tokens, eos_token_ids, pad_token_id,
+            min_new_tokens, temperature, top_k, top_p, allowed_token_ids, not sharded,
+        )  # fmt: skip
+    return tokens.clone(), logprobs.clone()
+
+
+def _decode(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    max_new_tokens: int,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    min_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    allowed_token_ids: list[int] | None,
+    stop_when_done: bool,
+) -> tuple[Tensor, Tensor]:
     batch, prompt_length = input_ids.shape
     device = input_ids.device
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)

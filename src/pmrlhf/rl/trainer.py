@@ -301,7 +301,7 @@ class RLTrainer:
             cache_implementation=cache,
             allowed_token_ids=self.allowed_token_ids,
             decoder=self.decoder,
-            all_steps=self._sharded_policy,
+            sharded=self._sharded_policy,
         )
         model.train(was_training)
         return rollout
