@@ -86,7 +86,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         new_tokens=32,
         warmup=2,
         steps=16,
-        goal_ratio=3.0,
+        goal_ratio=1.5,
+        goal_floor=1.2,
         goal_seconds=None,
     ),
     "cpu-tiny": dict(
@@ -104,7 +105,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         new_tokens=32,
         warmup=2,
         steps=16,
-        goal_ratio=3.0,
+        goal_ratio=1.5,
+        goal_floor=1.2,
         goal_seconds=None,
     ),
     # Llama-3.2-1B's body (hidden 2048, 16 layers, 32 heads, 8 KV heads, MLP 8192) with a 32k
@@ -125,9 +127,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         warmup=3,
         steps=8,
         goal_ratio=None,
+        goal_floor=None,
         goal_seconds=1.0,
     ),
 }
+#: a preset's goals: pmrlhf-kl / TRL at least, pmrlhf-kl step / its compute floor at most, and
+#: pmrlhf-kl seconds per step at most
+GOAL_KEYS = ("goal_ratio", "goal_floor", "goal_seconds")
 SHAPE_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")
 TRL_REFERENCE = {
     "gpu-1b": "TRL 1.16 RLOOTrainer, 1.07B model, 64 completions x 128 tokens, H100: 5.3 s/step"
@@ -192,10 +198,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     preset = PRESETS[args.preset]
     overridden = [k for k in SHAPE_KEYS if getattr(args, k) is not None]
     for key, value in preset.items():
-        if getattr(args, key, None) is None and key not in ("goal_ratio", "goal_seconds"):
+        if getattr(args, key, None) is None and key not in GOAL_KEYS:
             setattr(args, key, value)
-    args.goal_ratio = preset["goal_ratio"]
-    args.goal_seconds = preset["goal_seconds"]
+    for key in GOAL_KEYS:
+        setattr(args, key, preset[key])
     args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
 
     bad = [s for s in args.sides if s not in ("trl", "kl", "pm")]
@@ -884,13 +890,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     by_name[full_name].times, by_name[f"pmrlhf_{reg}"].times, args
                 )
         goal: dict[str, Any] = {}
+        checks: list[bool] = []
         if args.goal_ratio is not None and "ratio_pmrlhf_over_trl" in result:
             goal["pmrlhf_over_trl_at_least"] = args.goal_ratio
-            goal["met"] = result["ratio_pmrlhf_over_trl"] >= args.goal_ratio
+            checks.append(result["ratio_pmrlhf_over_trl"] >= args.goal_ratio)
+        if args.goal_floor is not None and "step_over_floor" in sides.get("pmrlhf_kl", {}):
+            goal["pmrlhf_step_over_floor_at_most"] = args.goal_floor
+            checks.append(sides["pmrlhf_kl"]["step_over_floor"] <= args.goal_floor)
         if args.goal_seconds is not None and "pmrlhf_kl" in sides:
             goal["pmrlhf_seconds_per_step_at_most"] = args.goal_seconds
-            goal["met"] = sides["pmrlhf_kl"]["seconds_per_step"] <= args.goal_seconds
+            checks.append(sides["pmrlhf_kl"]["seconds_per_step"] <= args.goal_seconds)
         if goal:
+            goal["met"] = all(checks)
             result["goal"] = goal
         if args.profile and pm_sides:
             target = by_name.get("pmrlhf_kl", pm_sides[0])

@@ -9,7 +9,7 @@ from test_rollout import PROMPT, assert_same_distribution, next_token_probs
 
 from pmrlhf.models import load_causal_lm, load_tokenizer
 from pmrlhf.rl.rollout import DECODERS, generate, response_mask_from_ids, token_logprobs
-from pmrlhf.rl.sampling import decode, next_token_logits, sample_categorical
+from pmrlhf.rl.sampling import SamplingSettings, decode, next_token_logits, sample_categorical
 
 PROMPTS = ["Which drink do you prefer ?", "Which season do you like best ?", "I like tea ."]
 
@@ -187,25 +187,36 @@ def test_two_token_joint_distribution_matches_the_model(model_and_tokenizer, dec
     assert_same_distribution(counts.flatten(), joint.flatten())
 
 
-@pytest.mark.parametrize("settings", [dict(), dict(allowed=True)])
-def test_scoring_reproduces_the_probabilities_the_lean_decoder_sampled_with(world_model, settings):
+@pytest.mark.parametrize("restricted", [False, True])
+def test_scoring_reproduces_the_probabilities_the_lean_decoder_sampled_with(
+    world_model, restricted
+):
     """Prompts of different lengths, rows that end at different steps: the log-prob of every
-    sampled token, as the decoder drew it, equals the one a scoring forward gives it."""
+    sampled token, as the decoder drew it, equals the one a scoring forward gives it (over the
+    same renormalised token set, where one is given)."""
     _, tokenizer, policy, prompts = world_model
-    allowed = list(range(len(tokenizer))) if settings else None
+    allowed = None
+    if restricted:  # every token but the model's five likeliest first words
+        with torch.no_grad():
+            first = policy(**tokenizer(prompts[:1], return_tensors="pt")).logits[0, -1]
+        likeliest = set(first.topk(6).indices.tolist()) - {tokenizer.eos_token_id}
+        allowed = tuple(i for i in range(len(tokenizer)) if i not in list(likeliest)[:5])
     encoded = tokenizer(prompts * 4, return_tensors="pt", padding=True)
     torch.manual_seed(4)
-    ids, sampled_logp = decode(
-        policy, encoded.input_ids, encoded.attention_mask, max_new_tokens=8,
-        eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
-        allowed_token_ids=allowed,
+    settings = SamplingSettings(
+        max_new_tokens=8, eos_token_ids=(tokenizer.eos_token_id,),
+        pad_token_id=tokenizer.pad_token_id, allowed_token_ids=allowed,
     )  # fmt: skip
+    ids, sampled_logp = decode(policy, encoded.input_ids, encoded.attention_mask, settings)
     mask = response_mask_from_ids(ids, [tokenizer.eos_token_id])
-    assert 1 < int(mask.sum(1).min()) < int(mask.sum(1).max())  # rows end at different steps
+    assert int(mask.sum(1).min()) < int(mask.sum(1).max())  # rows end at different steps
     sequences = torch.cat([encoded.input_ids, ids], 1)
     attention = torch.cat([encoded.attention_mask, mask], 1)
     with torch.no_grad():
-        scored, _ = token_logprobs(policy, sequences, attention, encoded.input_ids.shape[1])
+        scored, _ = token_logprobs(
+            policy, sequences, attention, encoded.input_ids.shape[1],
+            allowed_token_ids=None if allowed is None else list(allowed),
+        )  # fmt: skip
     torch.testing.assert_close(sampled_logp * mask, scored, rtol=0, atol=2e-5)
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from pmrlhf.rl.decoding import pad_to_bucket
+from pmrlhf.rl.sampling import SamplingSettings, decode
 
 
 @dataclass
@@ -129,24 +130,6 @@ def _without_checkpoint_generation_defaults(model) -> Iterator[None]:
             owner.generation_config = config
 
 
-@dataclass(frozen=True)
-class SamplingSettings:
-    """Everything that shapes a rollout's sampled distribution besides the model."""
-
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_new_tokens: int = 0
-    eos_token_ids: tuple[int, ...] = ()
-    pad_token_id: int = 0
-    bos_token_id: int | None = None
-    allowed_token_ids: tuple[int, ...] | None = None
-    #: processes decode a model sharded over them together: none may stop while another still
-    #: decodes (the lean decoder runs ``max_new_tokens`` steps; ``generate`` gets ``synced_gpus``)
-    sharded: bool = False
-
-
 def _decode_with_hf_generate(
     model, input_ids: Tensor, attention_mask: Tensor, settings: SamplingSettings,
     cache_implementation: str | None,
@@ -187,25 +170,7 @@ def _decode_lean(
     cache_implementation: str | None,
 ) -> Tensor:  # fmt: skip
     """Response ids ``(B, T)`` from :func:`pmrlhf.rl.sampling.decode` (its own static cache)."""
-    from pmrlhf.rl.sampling import decode
-
-    response_ids, _ = decode(
-        model,
-        input_ids,
-        attention_mask,
-        max_new_tokens=settings.max_new_tokens,
-        eos_token_ids=list(settings.eos_token_ids),
-        pad_token_id=settings.pad_token_id,
-        min_new_tokens=settings.min_new_tokens,
-        temperature=settings.temperature,
-        top_k=settings.top_k,
-        top_p=settings.top_p,
-        allowed_token_ids=(
-            None if settings.allowed_token_ids is None else list(settings.allowed_token_ids)
-        ),
-        sharded=settings.sharded,
-    )
-    return response_ids
+    return decode(model, input_ids, attention_mask, settings)[0]
 
 
 #: Decoders a rollout can sample with. Both sample the same distribution (tested): ``hf`` is

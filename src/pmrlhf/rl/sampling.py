@@ -22,6 +22,8 @@ log-probability of a token at scoring time is the one it was sampled with. A che
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -89,116 +91,85 @@ def _select_cache_rows(cache, rows: Tensor) -> None:
         layer.batch_size = rows.numel()
 
 
+@dataclass(frozen=True)
+class SamplingSettings:
+    """Everything that shapes a rollout's sampled distribution besides the model."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_new_tokens: int = 0
+    #: decoding ends once every row has produced one of these (none: always ``max_new_tokens``)
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    bos_token_id: int | None = None
+    allowed_token_ids: tuple[int, ...] | None = None
+    #: several processes decode a model sharded over them (FSDP, ZeRO-3), which gathers weights
+    #: in every forward: none may stop while another still decodes (the lean decoder runs
+    #: ``max_new_tokens`` steps, ``generate`` gets ``synced_gpus``)
+    sharded: bool = False
+
+
 def decode(
-    model,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    max_new_tokens: int,
-    eos_token_ids: list[int],
-    pad_token_id: int,
-    min_new_tokens: int = 0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    allowed_token_ids: list[int] | None = None,
-    sharded: bool = False,
+    model, input_ids: Tensor, attention_mask: Tensor, settings: SamplingSettings
 ) -> tuple[Tensor, Tensor]:
-    """Sample up to ``max_new_tokens`` tokens after left-padded prompts ``(B, P)``.
+    """Sample up to ``settings.max_new_tokens`` tokens after left-padded prompts ``(B, P)``.
 
     Returns the response ids ``(B, T)``, ``T ≤ max_new_tokens``, and the log-probability each
     token was drawn with (fp32, ``(B, T)``; 0 after a row's end). Decoding stops once every row
-    has produced an EOS from ``eos_token_ids`` (pass ``[]`` to always decode ``max_new_tokens``),
-    and a row's tokens after its EOS are ``pad_token_id``. Random numbers come from torch's
-    global generator on the model's device.
+    has produced one of ``eos_token_ids``, and a row's tokens after it are ``pad_token_id``.
+    Random numbers come from torch's global generator on the model's device.
 
-    ``sharded``: several processes decode a model sharded over them (FSDP, ZeRO-3), which
-    gathers weights in every forward. Every process then runs all ``max_new_tokens`` steps, so
-    that none stops while another still needs it, and decoding runs under ``no_grad`` rather
-    than inference mode, which would mark the gathered weights as unusable for training.
+    A ``sharded`` model runs every step, under ``no_grad``: inference mode, used otherwise,
+    would mark the weights its sharding framework gathers as unusable for training.
     """
     # Inference mode skips autograd's per-operation bookkeeping, a visible share of a small
     # model's decoding step; the results are cloned out of it so that training can use them.
-    with torch.no_grad() if sharded else torch.inference_mode():
-        tokens, logprobs = _decode(
-            model, input_ids, attention_mask, max_new_tokens, eos_token_ids, pad_token_id,
-            min_new_tokens, temperature, top_k, top_p, allowed_token_ids, not sharded,
-        )  # fmt: skip
+    with torch.no_grad() if settings.sharded else torch.inference_mode():
+        tokens, logprobs = _decode(model, input_ids, attention_mask, settings)
     return tokens.clone(), logprobs.clone()
 
 
 def _decode(
-    model,
-    input_ids: Tensor,
-    attention_mask: Tensor,
-    max_new_tokens: int,
-    eos_token_ids: list[int],
-    pad_token_id: int,
-    min_new_tokens: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    allowed_token_ids: list[int] | None,
-    stop_when_done: bool,
+    model, input_ids: Tensor, attention_mask: Tensor, settings: SamplingSettings
 ) -> tuple[Tensor, Tensor]:
     batch, prompt_length = input_ids.shape
     device = input_ids.device
-    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
-    # the mask of every position the cache will hold; a row's new positions are always attended
-    mask = torch.cat([attention_mask, attention_mask.new_ones((batch, max_new_tokens))], dim=1)
+    steps = settings.max_new_tokens
+    cache = _static_cache(model, prompt_length + steps)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-    cache = _static_cache(model, prompt_length + max_new_tokens)
-    # Several responses per prompt (RLOO, GRPO) share their prompt's keys and values: the
-    # prefill runs once per distinct prompt, and the cache rows are then copied to every row.
-    rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
-    distinct, row_of = torch.unique(rows, dim=0, return_inverse=True)
-    shared = distinct.shape[0] < batch
-    if shared:
-        first = torch.full((distinct.shape[0],), batch, dtype=torch.long, device=device)
-        first.scatter_reduce_(0, row_of, torch.arange(batch, device=device), "amin")
-    prefill = first if shared else slice(None)
-    logits = model(
-        input_ids=input_ids[prefill],
-        attention_mask=attention_mask[prefill],
-        position_ids=positions[prefill],
-        past_key_values=cache,
-        use_cache=True,
-        cache_position=torch.arange(prompt_length, device=device),
-        logits_to_keep=1,
-    ).logits[:, -1]
-    if shared:
-        _select_cache_rows(cache, row_of)
-        logits = logits[row_of]
+    logits = _prefill(model, input_ids, attention_mask, positions, cache)
     allowed = None
-    if allowed_token_ids is not None:
+    if settings.allowed_token_ids is not None:
         allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
-        allowed[torch.tensor(allowed_token_ids, device=device)] = True
+        allowed[torch.tensor(settings.allowed_token_ids, device=device)] = True
+    eos = torch.tensor(settings.eos_token_ids, dtype=torch.long, device=device)
+    # the mask of every position the cache will hold; a row's new positions are always attended
+    mask = torch.cat([attention_mask, attention_mask.new_ones((batch, steps))], dim=1)
     position = positions[:, -1:]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens: list[Tensor] = []
     logprobs: list[Tensor] = []
-    for step in range(max_new_tokens):
-        probs = torch.softmax(
-            next_token_logits(
-                logits, temperature, top_k, top_p, allowed,
-                blocked=eos if step < min_new_tokens else None,
-            ),
-            dim=-1,
-        )  # fmt: skip
+    for step in range(steps):
+        blocked = eos if step < settings.min_new_tokens else None
+        next_logits = next_token_logits(
+            logits, settings.temperature, settings.top_k, settings.top_p, allowed, blocked
+        )
+        probs = torch.softmax(next_logits, dim=-1)
         token = sample_categorical(probs)
         logprob = probs.gather(-1, token.unsqueeze(-1)).squeeze(-1).log()
-        token = torch.where(finished, pad_token_id, token)
-        tokens.append(token)
+        tokens.append(torch.where(finished, settings.pad_token_id, token))
         logprobs.append(logprob.masked_fill(finished, 0.0))
         if eos.numel():
-            finished |= torch.isin(token, eos)
-            if stop_when_done and bool(finished.all()):
-                break
-        if step + 1 == max_new_tokens:
+            finished |= torch.isin(tokens[-1], eos)
+        done = eos.numel() > 0 and not settings.sharded and bool(finished.all())
+        if done or step + 1 == steps:
             break
         position = position + 1
         length = prompt_length + step + 1
         logits = model(
-            input_ids=token.unsqueeze(-1),
+            input_ids=tokens[-1].unsqueeze(-1),
             attention_mask=mask[:, : length + 1],
             position_ids=position,
             past_key_values=cache,
@@ -206,3 +177,32 @@ def _decode(
             cache_position=torch.tensor([length], device=device),
         ).logits[:, -1]
     return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+
+
+def _prefill(model, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, cache) -> Tensor:
+    """Run the prompts into ``cache``; return each row's next-token logits ``(B, V)``.
+
+    Several responses per prompt (RLOO, GRPO) share their prompt's keys and values: the prefill
+    runs once per distinct prompt row, and the cache rows are then copied to every row.
+    """
+    batch, prompt_length = input_ids.shape
+    rows = torch.cat([input_ids, attention_mask.to(input_ids.dtype)], dim=1)
+    distinct, row_of = torch.unique(rows, dim=0, return_inverse=True)
+    shared = distinct.shape[0] < batch
+    pick: Tensor | slice = slice(None)
+    if shared:
+        first = torch.full((distinct.shape[0],), batch, dtype=torch.long, device=rows.device)
+        pick = first.scatter_reduce_(0, row_of, torch.arange(batch, device=rows.device), "amin")
+    logits = model(
+        input_ids=input_ids[pick],
+        attention_mask=attention_mask[pick],
+        position_ids=positions[pick],
+        past_key_values=cache,
+        use_cache=True,
+        cache_position=torch.arange(prompt_length, device=rows.device),
+        logits_to_keep=1,
+    ).logits[:, -1]
+    if not shared:
+        return logits
+    _select_cache_rows(cache, row_of)
+    return logits[row_of]
