@@ -48,7 +48,9 @@ class DemoConfig:
     # data
     n_sft: int = option(2000, help="SFT demonstrations (valid answers, near-uniform)")
     n_rankings: int = option(
-        3000, help="annotator rankings drawn from the hidden Plackett–Luce model"
+        6000,
+        help="annotator rankings drawn from the hidden Plackett–Luce model (fewer leave the reward "
+        "model's softmax(r) less consistent across a question's wordings, docs/method.md §8)",
     )
     ranking_size: int = option(3, help="responses per ranking (K); 2 gives pairwise comparisons")
     # model and stages

@@ -175,6 +175,7 @@ class DemoResults:
 
 COLUMNS = (
     ("tv_to_target", "TV→target"),
+    ("exact.tv_to_target", "exact TV"),
     ("tv_valid", "TV valid"),
     ("tv_to_truth", "TV→truth"),
     ("minority_mass", "minority"),
@@ -185,14 +186,27 @@ COLUMNS = (
 )
 
 
+def _column(row: dict[str, Any], key: str) -> float:
+    """``row[key]``, where ``a.b`` reads ``row[a][b]``; NaN when absent."""
+    value: Any = row
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return float("nan")
+        value = value[part]
+    return float(value)
+
+
 def format_table(results: DemoResults) -> str:
-    """The demo's console table: one row per method, then the target and PMD improvement."""
+    """The demo's console table: one row per method, then the target and PMD improvement.
+
+    ``TV→target`` is measured on the evaluation samples; ``exact TV`` is the same distance from
+    the policy's exact answer probabilities (teacher forcing), free of the samples' noise (which
+    moved cpm's TV by up to about 0.01 over demo seeds 0–4 at 1,000 samples per prompt).
+    """
     methods = results.methods
     lines = [f"{'method':<7}" + "".join(f"{label:>11}" for _, label in COLUMNS)]
     for method, row in methods.items():
-        lines.append(
-            f"{method:<7}" + "".join(f"{row.get(key, float('nan')):>11.3f}" for key, _ in COLUMNS)
-        )
+        lines.append(f"{method:<7}" + "".join(f"{_column(row, key):>11.3f}" for key, _ in COLUMNS))
     target_minority = next(iter(methods.values())).get("target_minority_mass")
     if target_minority is not None:
         lines.append(f"target minority mass (reward model's softmax(r)): {target_minority:.3f}")
