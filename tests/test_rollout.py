@@ -12,7 +12,7 @@ from conftest import TINY_TEXTS
 
 from pmrlhf.models import build_tiny_model, load_causal_lm, load_tokenizer
 from pmrlhf.rl.losses import clipped_policy_loss
-from pmrlhf.rl.rollout import generate, token_logprobs
+from pmrlhf.rl.rollout import DECODERS, generate, token_logprobs
 
 PROMPT = "Which drink do you prefer ?"
 EOS = 2
@@ -117,19 +117,24 @@ def _resolve(value, top: int):
     return {"TOP": [top], "TOP_WORDS": [[top]], "TOP_BIAS": [[[top], 5.0]]}[value]
 
 
-def _sample_first_tokens(model_dir: Path, n: int = 4000) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample_first_tokens(
+    model_dir: Path, n: int = 4000, decoder: str = "hf"
+) -> tuple[torch.Tensor, torch.Tensor]:
     model = load_causal_lm(str(model_dir))
     tokenizer = load_tokenizer(str(model_dir))
     probs = next_token_probs(model, tokenizer, [])
     torch.manual_seed(0)
-    rollout = generate(model, tokenizer, [PROMPT] * n, max_new_tokens=1)
+    rollout = generate(model, tokenizer, [PROMPT] * n, max_new_tokens=1, decoder=decoder)
     assert rollout.sequences.shape[0] == n
     counts = torch.bincount(rollout.response_ids[:, 0], minlength=probs.numel())
     return counts, probs
 
 
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
 @pytest.mark.parametrize("field", sorted(CHECKPOINT_SETTINGS))
-def test_rollouts_ignore_each_checkpoint_generation_setting(peaked_model_dir, tmp_path, field):
+def test_rollouts_ignore_each_checkpoint_generation_setting(
+    peaked_model_dir, tmp_path, field, decoder
+):
     probs = _sample_first_tokens(peaked_model_dir, n=1)[1]
     top = int(torch.argmax(probs.index_fill(0, torch.tensor([EOS]), 0.0)))  # a word, not EOS
     settings = {field: _resolve(CHECKPOINT_SETTINGS[field], top)}
@@ -139,12 +144,13 @@ def test_rollouts_ignore_each_checkpoint_generation_setting(peaked_model_dir, tm
     model = load_causal_lm(str(model_dir))
     loaded = model.generation_config.to_dict()
     assert loaded[field] is not None, "the checkpoint's setting did not load"
-    counts, probs = _sample_first_tokens(model_dir)
+    counts, probs = _sample_first_tokens(model_dir, decoder=decoder)
     assert_same_distribution(counts, probs)
 
 
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
 def test_rollouts_ignore_all_checkpoint_settings_at_once_over_two_tokens(
-    peaked_model_dir, tmp_path
+    peaked_model_dir, tmp_path, decoder
 ):
     """Two-token responses over four allowed tokens: the 16 joint frequencies match π."""
     tokenizer = load_tokenizer(str(peaked_model_dir))
@@ -171,7 +177,7 @@ def test_rollouts_ignore_all_checkpoint_settings_at_once_over_two_tokens(
     torch.manual_seed(1)
     rollout = generate(
         model, tokenizer, [PROMPT] * n, max_new_tokens=2, stop_at_eos=False,
-        allowed_token_ids=allowed,
+        allowed_token_ids=allowed, decoder=decoder,
     )  # fmt: skip
     index = {tok: k for k, tok in enumerate(allowed)}
     pairs = rollout.response_ids.tolist()
@@ -181,7 +187,10 @@ def test_rollouts_ignore_all_checkpoint_settings_at_once_over_two_tokens(
     assert_same_distribution(counts.flatten(), joint.flatten())
 
 
-def test_a_lora_wrapped_policy_ignores_its_base_checkpoint_settings(peaked_model_dir, tmp_path):
+@pytest.mark.parametrize("decoder", sorted(DECODERS))
+def test_a_lora_wrapped_policy_ignores_its_base_checkpoint_settings(
+    peaked_model_dir, tmp_path, decoder
+):
     from pmrlhf.lora import apply_lora
 
     settings = {"repetition_penalty": 3.0, "no_repeat_ngram_size": 1, "min_p": 0.3}
@@ -190,7 +199,7 @@ def test_a_lora_wrapped_policy_ignores_its_base_checkpoint_settings(peaked_model
     tokenizer = load_tokenizer(str(model_dir))
     probs = next_token_probs(model, tokenizer, [])
     torch.manual_seed(0)
-    rollout = generate(model, tokenizer, [PROMPT] * 4000, max_new_tokens=1)
+    rollout = generate(model, tokenizer, [PROMPT] * 4000, max_new_tokens=1, decoder=decoder)
     assert_same_distribution(
         torch.bincount(rollout.response_ids[:, 0], minlength=probs.numel()), probs
     )

@@ -8,7 +8,13 @@ from conftest import fit_tiny_world_model
 from test_rollout import PROMPT, assert_same_distribution, next_token_probs
 
 from pmrlhf.models import load_causal_lm, load_tokenizer
-from pmrlhf.rl.rollout import DECODERS, generate, response_mask_from_ids, token_logprobs
+from pmrlhf.rl.rollout import (
+    DECODERS,
+    generate,
+    resolve_decoder,
+    response_mask_from_ids,
+    token_logprobs,
+)
 from pmrlhf.rl.sampling import SamplingSettings, decode, next_token_logits, sample_categorical
 
 PROMPTS = ["Which drink do you prefer ?", "Which season do you like best ?", "I like tea ."]
@@ -220,9 +226,12 @@ def test_scoring_reproduces_the_probabilities_the_lean_decoder_sampled_with(
     torch.testing.assert_close(sampled_logp * mask, scored, rtol=0, atol=2e-5)
 
 
-def test_unknown_decoder_is_named():
+def test_auto_picks_the_lean_decoder_on_a_cpu_only_and_unknown_names_are_refused():
+    assert resolve_decoder("auto", torch.device("cpu")) == "lean"
+    assert resolve_decoder("auto", torch.device("cuda")) == "hf"
+    assert resolve_decoder("hf", torch.device("cpu")) == "hf"
     with pytest.raises(ValueError, match="decoder must be one of"):
-        generate(None, None, [], 1, decoder="beam")
+        resolve_decoder("beam", torch.device("cpu"))
 
 
 def test_the_decoder_option_is_checked_by_name():

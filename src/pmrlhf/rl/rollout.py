@@ -179,6 +179,18 @@ def _decode_lean(
 DECODERS = {"hf": _decode_with_hf_generate, "lean": _decode_lean}
 
 
+def resolve_decoder(name: str, device: torch.device) -> str:
+    """The decoder :func:`generate` uses for ``name`` on ``device``: ``auto`` is ``lean`` on a
+    CPU, where it saves the sampling and Python overhead that dominates small models' decoding,
+    and ``hf`` elsewhere, where HF's compiled static-cache decoding is faster than any eager
+    loop."""
+    if name == "auto":
+        return "lean" if device.type == "cpu" else "hf"
+    if name not in DECODERS:
+        raise ValueError(f"decoder must be one of {['auto', *DECODERS]}, got {name!r}")
+    return name
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -192,7 +204,7 @@ def generate(
     stop_at_eos: bool = True,
     cache_implementation: str | None = None,
     allowed_token_ids: list[int] | None = None,
-    decoder: str = "hf",
+    decoder: str = "auto",
     sharded: bool = False,
 ) -> Rollout:
     """Sample one response per prompt: plain ancestral sampling by default.
@@ -202,12 +214,12 @@ def generate(
     and the like is ignored (see :func:`sampling_config`). ``allowed_token_ids`` restricts
     sampling to a fixed token set; pass the same list to :func:`token_logprobs` so that scoring
     uses the same renormalised distribution. ``decoder`` picks the sampling loop from
-    :data:`DECODERS`; ``cache_implementation`` applies to ``hf`` only. ``sharded`` is for
-    processes that decode a model sharded over them together (see :class:`SamplingSettings`).
+    :data:`DECODERS` (``auto``: :func:`resolve_decoder`); ``cache_implementation`` applies to
+    ``hf`` only. ``sharded`` is for processes that decode a model sharded over them together
+    (see :class:`SamplingSettings`).
     """
-    if decoder not in DECODERS:
-        raise ValueError(f"decoder must be one of {list(DECODERS)}, got {decoder!r}")
     device = next(model.parameters()).device
+    decoder = resolve_decoder(decoder, device)
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=True).to(
         device
     )

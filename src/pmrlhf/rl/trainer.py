@@ -45,6 +45,7 @@ from pmrlhf.rl.rollout import (
     ValueModel,
     generate,
     logprobs_from_logits,
+    resolve_decoder,
     response_logits,
     token_logprobs,
 )
@@ -274,11 +275,7 @@ class RLTrainer:
     @property
     def decoder(self) -> str:
         """The rollouts' decoder (:data:`pmrlhf.rl.rollout.DECODERS`), ``auto`` resolved."""
-        if self.config.decoder != "auto":
-            return self.config.decoder
-        # the lean loop saves Python and sampling overhead, which dominates only on a CPU;
-        # on a GPU, HF's compiled static-cache decoding is faster than any eager loop
-        return "lean" if self.device.type == "cpu" else "hf"
+        return resolve_decoder(self.config.decoder, self.device)
 
     def _rollout(self, prompts: list[str]) -> Rollout:
         c = self.config
