@@ -200,8 +200,8 @@ def format_table(results: DemoResults) -> str:
     """The demo's console table: one row per method, then the target and PMD improvement.
 
     ``TV→target`` is measured on the evaluation samples; ``exact TV`` is the same distance from
-    the policy's exact answer probabilities (teacher forcing), free of the samples' noise (which
-    moved cpm's TV by up to about 0.01 over demo seeds 0–4 at 1,000 samples per prompt).
+    the policy's exact answer probabilities (teacher forcing), free of the samples' noise (of the
+    order of 0.01–0.02 at 1,000 samples per prompt).
     """
     methods = results.methods
     lines = [f"{'method':<7}" + "".join(f"{label:>11}" for _, label in COLUMNS)]
