@@ -6,14 +6,15 @@ random number per vocabulary entry, the dynamic cache concatenates its keys and 
 step, and logits processors, stopping criteria and input preparation run in Python each step.
 :func:`decode` keeps only what ancestral sampling needs:
 
-- one prefill of the prompts into a pre-allocated cache, then one forward per new token;
+- one prefill per distinct prompt into a pre-allocated cache, whose rows are then copied to
+  every response of that prompt (RLOO and GRPO sample several), and one forward per new token,
+  all in inference mode;
 - the next-token distribution of :func:`next_token_logits`, which applies the same settings as
   ``generate`` in the same order (allowed tokens, EOS blocked before ``min_new_tokens``,
   temperature, top-k, top-p) with the same definitions;
 - :func:`sample_categorical`, inverse-CDF sampling with one uniform number per row. It draws
-  token ``v`` with probability exactly ``p(v)`` (up to the fp32 rounding of the cumulative
-  sum), so the sampled distribution is the one ``generate`` samples, though not the same
-  draws for the same seed.
+  token ``v`` with probability ``p(v)`` up to float64 rounding, so the sampled distribution is
+  the one ``generate`` samples, though not the same draws for the same seed.
 
 Positions come from the attention mask, as in :func:`pmrlhf.rl.rollout.token_logprobs`, so the
 log-probability of a token at scoring time is the one it was sampled with. A checkpoint's
@@ -71,7 +72,8 @@ def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) 
     interval has length ``p(v)``, so zero-probability tokens are never drawn, and only ``B``
     random numbers are needed, where ``torch.multinomial`` draws ``B × V``.
     """
-    cdf = probs.cumsum(dim=-1)
+    # in float64, each token's interval is its probability to ~1e-16, whatever the vocabulary
+    cdf = probs.double().cumsum(dim=-1)
     u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype)
     index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
     return index.clamp_max_(probs.shape[-1] - 1).squeeze(-1)
@@ -84,7 +86,12 @@ def _static_cache(model, max_length: int):
 
 
 def _select_cache_rows(cache, rows: Tensor) -> None:
-    """Make row ``b`` of every layer's keys and values a copy of row ``rows[b]``."""
+    """Make row ``b`` of every layer's keys and values a copy of row ``rows[b]``.
+
+    transformers' static cache layers keep their tensors as ``keys`` and ``values`` (and have no
+    row-selection method of their own); the decoder's tests compare against ``generate``, so a
+    change there shows.
+    """
     for layer in cache.layers:
         layer.keys = layer.keys.index_select(0, rows)
         layer.values = layer.values.index_select(0, rows)
