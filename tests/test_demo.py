@@ -104,9 +104,11 @@ def results(**methods) -> DemoResults:
 def test_report_is_written_from_results_alone(tmp_path):
     """report.py needs only a DemoResults and per-prompt distributions, not the demo's config."""
     row = {"tv_to_target": 0.25, "pmd": 0.5, "invalid_rate": 0.0, "target_minority_mass": 0.4}
-    res = results(kl={**row, "pmd": 1.0}, cpm=row)
+    res = results(kl={**row, "pmd": 1.0}, cpm={**row, "exact": {"tv_to_target": 0.125}})
     table = format_table(res)
-    assert table.splitlines()[1].split()[:3] == ["kl", "0.250", "nan"]  # no tv_valid: nan
+    # kl has neither exact probabilities nor tv_valid: nan
+    assert table.splitlines()[1].split()[:4] == ["kl", "0.250", "nan", "nan"]
+    assert table.splitlines()[2].split()[:3] == ["cpm", "0.250", "0.125"]  # the exact TV
     assert (
         table.splitlines()[2].startswith("cpm")
         and "cpm +50%" in table
