@@ -18,7 +18,7 @@ from pmrlhf.optim import OptimConfig
 from pmrlhf.regularizers import PENALTY_ESTIMATORS, REGULARIZERS, make_regularizer
 from pmrlhf.rl.advantages import ADVANTAGE_ESTIMATORS
 from pmrlhf.rl.rewards import is_model_reward
-from pmrlhf.rl.rollout import DECODERS
+from pmrlhf.rl.rollout import DECODER_CHOICES
 
 
 def _positive(value: float) -> bool:
@@ -147,7 +147,7 @@ class RLConfig(OptimConfig):
     top_k: int = option(0, help="top-k sampling during rollouts (0 = off; >0 breaks the PM target)")
     decoder: str = option(
         "auto",
-        choices=["auto", *DECODERS],
+        choices=list(DECODER_CHOICES),
         help="sampling loop of the rollouts: lean (pmrlhf's own loop over a static cache, fastest "
         "for small models on a CPU), hf (Hugging Face generate, compiled static-cache decoding on "
         "a GPU) or auto (lean on a CPU, hf elsewhere); both sample the same distribution",
@@ -193,9 +193,9 @@ class RLConfig(OptimConfig):
         """Raise ValueError naming the first field that is out of range (runs on construction)."""
         if not self.policy:
             raise ValueError("config: `policy` is required (a hub id, folder or .gguf file)")
-        decoders = {"auto": None, **DECODERS}
         for name, registry in (
-            ("algo", ADVANTAGE_ESTIMATORS), ("regularizer", REGULARIZERS), ("decoder", decoders),
+            ("algo", ADVANTAGE_ESTIMATORS), ("regularizer", REGULARIZERS),
+            ("decoder", DECODER_CHOICES),
         ):  # fmt: skip
             if getattr(self, name) not in registry:
                 raise ValueError(

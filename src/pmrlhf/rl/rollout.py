@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from pmrlhf.rl.decoding import pad_to_bucket
-from pmrlhf.rl.sampling import SamplingSettings, decode
+from pmrlhf.rl.sampling import SamplingSettings, decode, position_ids_from_mask
 
 
 @dataclass
@@ -32,10 +32,6 @@ class Rollout:
     @property
     def response_ids(self) -> Tensor:
         return self.sequences[:, self.prompt_length :]
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def response_mask_from_ids(response_ids: Tensor, eos_token_ids: list[int]) -> Tensor:
@@ -177,6 +173,8 @@ def _decode_lean(
 #: Hugging Face ``generate`` (with ``cache_implementation="static"``, compiled decoding on a
 #: GPU); ``lean`` is pmrlhf's own loop, faster for small models on a CPU.
 DECODERS = {"hf": _decode_with_hf_generate, "lean": _decode_lean}
+#: what a ``decoder`` option accepts: a decoder, or ``auto`` (:func:`resolve_decoder`)
+DECODER_CHOICES = ("auto", *DECODERS)
 
 
 def resolve_decoder(name: str, device: torch.device) -> str:
@@ -186,8 +184,8 @@ def resolve_decoder(name: str, device: torch.device) -> str:
     loop."""
     if name == "auto":
         return "lean" if device.type == "cpu" else "hf"
-    if name not in DECODERS:
-        raise ValueError(f"decoder must be one of {['auto', *DECODERS]}, got {name!r}")
+    if name not in DECODER_CHOICES:
+        raise ValueError(f"decoder must be one of {list(DECODER_CHOICES)}, got {name!r}")
     return name
 
 

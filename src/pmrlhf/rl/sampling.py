@@ -16,9 +16,9 @@ step, and logits processors, stopping criteria and input preparation run in Pyth
   token ``v`` with probability ``p(v)`` up to float64 rounding, so the sampled distribution is
   the one ``generate`` samples, though not the same draws for the same seed.
 
-Positions come from the attention mask, as in :func:`pmrlhf.rl.rollout.token_logprobs`, so the
-log-probability of a token at scoring time is the one it was sampled with. A checkpoint's
-``generation_config`` is never read.
+Positions come from the attention mask (:func:`position_ids_from_mask`), as in
+:func:`pmrlhf.rl.rollout.token_logprobs`, so the log-probability of a token at scoring time is
+the one it was sampled with. A checkpoint's ``generation_config`` is never read.
 """
 
 from __future__ import annotations
@@ -77,6 +77,12 @@ def sample_categorical(probs: Tensor, generator: torch.Generator | None = None) 
     u = torch.rand((probs.shape[0], 1), generator=generator, device=probs.device, dtype=cdf.dtype)
     index = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
     return index.clamp_max_(probs.shape[-1] - 1).squeeze(-1)
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Each token's position counted over the real (mask 1) tokens of its row, 0 on padding:
+    a left-padded prompt's tokens get the positions they would have without the padding."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def _static_cache(model, max_length: int):
@@ -145,7 +151,7 @@ def _decode(
     device = input_ids.device
     steps = settings.max_new_tokens
     cache = _static_cache(model, prompt_length + steps)
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    positions = position_ids_from_mask(attention_mask)
     logits = _prefill(model, input_ids, attention_mask, positions, cache)
     allowed = None
     if settings.allowed_token_ids is not None:
@@ -168,9 +174,8 @@ def _decode(
         logprob = probs.gather(-1, token.unsqueeze(-1)).squeeze(-1).log()
         tokens.append(torch.where(finished, settings.pad_token_id, token))
         logprobs.append(logprob.masked_fill(finished, 0.0))
-        if eos.numel():
-            finished |= torch.isin(tokens[-1], eos)
-        done = eos.numel() > 0 and not settings.sharded and bool(finished.all())
+        finished |= torch.isin(tokens[-1], eos)  # never, without EOS tokens
+        done = not settings.sharded and bool(finished.all())
         if done or step + 1 == steps:
             break
         position = position + 1
