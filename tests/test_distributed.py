@@ -498,3 +498,29 @@ def test_fsdp2_rl_with_a_sharded_resume_matches_one_process(
         for key in ("reward_mean", "policy_loss", "kl_to_ref", "value_loss"):
             if key in b:
                 assert a[key] == pytest.approx(b[key], abs=1e-5), key
+
+
+@pytest.mark.multiprocess
+def test_fsdp2_decoding_with_ranks_ending_at_different_steps(tiny_model_dir, tmp_path):
+    """A sharded policy's rollouts when one rank's responses end at once and the other's run to
+    the limit: both decoders finish on both ranks (a rank leaving the loop early would leave the
+    other waiting in an all-gather) and give the unsharded model's greedy responses."""
+    from conftest import two_process_launch
+
+    command, env = two_process_launch(
+        str(SCRIPTS / "fsdp_on_cpu.py"), str(SCRIPTS / "sharded_decoding.py"),
+        str(tiny_model_dir), str(tmp_path),
+    )  # fmt: skip
+    launch = command.index("--multi_gpu")
+    command[launch : launch + 1] = ["--config_file", str(CONFIGS / "fsdp.yaml")]
+    env["PYTHONPATH"] = _single_env()["PYTHONPATH"]
+    # a hang shows as this timeout, not as a stuck suite
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    for decoder in ("hf", "lean"):
+        for rank, report in enumerate(reports):
+            sharded, plain = report[decoder]["sharded"], report[decoder]["plain"]
+            assert sharded == plain, (decoder, rank)
+        assert set(reports[0][decoder]["sharded"]["lengths"]) == {1}
+        assert set(reports[1][decoder]["sharded"]["lengths"]) == {6}

@@ -142,18 +142,28 @@ def test_the_lean_decoder_stops_when_every_row_has_ended(model_and_tokenizer):
     assert rollout.response_ids[:, 0].tolist() == [eos] * len(PROMPTS)
 
 
-def test_a_sharded_model_decodes_every_step_with_padding_after_each_end(model_and_tokenizer):
+def test_a_sharded_model_runs_every_step_and_returns_the_unsharded_rollout(model_and_tokenizer):
     """Processes decoding a sharded model together never stop early; the rollout is the same."""
     model, tokenizer = model_and_tokenizer
     eos = tokenizer.eos_token_id
-    rollout = generate(
-        model, tokenizer, PROMPTS, max_new_tokens=6, allowed_token_ids=[eos], decoder="lean",
-        sharded=True,
-    )  # fmt: skip
-    assert rollout.response_ids.shape[1] == 6
-    assert rollout.response_ids[:, 0].tolist() == [eos] * len(PROMPTS)
-    assert bool((rollout.response_ids[:, 1:] == tokenizer.pad_token_id).all())
-    assert rollout.response_mask.sum(1).tolist() == [1] * len(PROMPTS)
+    forwards = []
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
+    try:
+        rollouts, forward_counts = {}, {}
+        for sharded in (False, True):
+            forwards.clear()
+            rollouts[sharded] = generate(
+                model, tokenizer, PROMPTS, max_new_tokens=6, allowed_token_ids=[eos],
+                decoder="lean", sharded=sharded,
+            )  # fmt: skip
+            forward_counts[sharded] = len(forwards)
+    finally:
+        hook.remove()
+    # the prefill, then one forward per further step: every row ends at its first token
+    assert forward_counts == {False: 1, True: 6}
+    for rollout in rollouts.values():
+        assert rollout.response_ids.tolist() == [[eos]] * len(PROMPTS)
+        assert rollout.response_mask.sum(1).tolist() == [1] * len(PROMPTS)
 
 
 def test_min_new_tokens_holds_eos_back_then_lets_it_through(model_and_tokenizer):

@@ -10,6 +10,7 @@ FSDP2 code. Use it under ``accelerate launch --config_file configs/accelerate/fs
     accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2 \
         --mixed_precision no tests/scripts/fsdp_on_cpu.py sft --model ... --data ...
 
+A first argument ending in ``.py`` runs that script instead of ``pmrlhf``, under the same state.
 With ``FSDP_ON_CPU_REPORT`` set to a folder, each rank writes ``rank<N>.json`` there at exit:
 the distributed type and FSDP version it ran with.
 """
@@ -51,5 +52,9 @@ def _report() -> None:
 
 state.AcceleratorState.__init__ = _fsdp_on_cpu
 atexit.register(_report)
-sys.argv = ["pmrlhf", *sys.argv[1:]]
-runpy.run_module("pmrlhf", run_name="__main__", alter_sys=True)
+if len(sys.argv) > 1 and sys.argv[1].endswith(".py"):
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+else:
+    sys.argv = ["pmrlhf", *sys.argv[1:]]
+    runpy.run_module("pmrlhf", run_name="__main__", alter_sys=True)

@@ -135,7 +135,8 @@ def decode(
     Random numbers come from torch's global generator on the model's device.
 
     A ``sharded`` model runs every step, under ``no_grad``: inference mode, used otherwise,
-    would mark the weights its sharding framework gathers as unusable for training.
+    would mark the weights its sharding framework gathers as unusable for training. The steps
+    after every row's end are dropped, so the output is the unsharded one.
     """
     # Inference mode skips autograd's per-operation bookkeeping, a visible share of a small
     # model's decoding step; the results are cloned out of it so that training can use them.
@@ -164,7 +165,10 @@ def _decode(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens: list[Tensor] = []
     logprobs: list[Tensor] = []
+    # per step, whether some row was still decoding (sharded runs go on past the last end)
+    live_steps: list[Tensor] = []
     for step in range(steps):
+        live_steps.append(~finished.all())
         blocked = eos if step < settings.min_new_tokens else None
         next_logits = next_token_logits(
             logits, settings.temperature, settings.top_k, settings.top_p, allowed, blocked
@@ -188,7 +192,8 @@ def _decode(
             use_cache=True,
             cache_position=torch.tensor([length], device=device),
         ).logits[:, -1]
-    return torch.stack(tokens, dim=1), torch.stack(logprobs, dim=1)
+    width = int(torch.stack(live_steps).sum())  # the steps after every row's end are dropped
+    return torch.stack(tokens, dim=1)[:, :width], torch.stack(logprobs, dim=1)[:, :width]
 
 
 def _prefill(model, input_ids: Tensor, attention_mask: Tensor, positions: Tensor, cache) -> Tensor:
