@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -142,3 +143,31 @@ def test_eval_with_a_world_refuses_prompts_that_are_not_its_own(tiny_model_dir, 
     err = capsys.readouterr().err
     assert "1 of the 1 prompts" in err and "Tell me a joke ." in err
     assert "Traceback" not in err
+
+
+def test_world_metrics_split_the_mean_reward_between_valid_and_invalid_samples():
+    """The pooled mean reward of each kind, and NaN for a kind with no sample."""
+    from pmrlhf.evaluate import world_metrics
+
+    world = default_world()
+    first, second = world.eval_prompts()[:2]
+    (_, valid_one), (_, valid_two) = world.valid_sequences(first)[:2]
+
+    def zero_reward(prompts, completions):
+        return torch.zeros(len(completions))
+
+    def samples(prompt, texts, rewards):
+        n = len(texts)
+        return PromptSamples(prompt, texts, rewards=torch.tensor(rewards),
+                             logp=torch.zeros(n), entropy=torch.zeros(n))  # fmt: skip
+
+    mixed = world_metrics(
+        [samples(first, [valid_one, "tea tea tea", valid_two], [1.0, 5.0, 2.0]),
+         samples(second, ["nonsense words"], [-3.0])],
+        world, zero_reward,
+    ).means  # fmt: skip
+    assert mixed["mean_reward_valid"] == pytest.approx(1.5)
+    assert mixed["mean_reward_invalid"] == pytest.approx(1.0)
+    only_valid = world_metrics([samples(first, [valid_one], [0.5])], world, zero_reward).means
+    assert only_valid["mean_reward_valid"] == pytest.approx(0.5)
+    assert math.isnan(only_valid["mean_reward_invalid"])

@@ -128,7 +128,12 @@ def test_two_seeds_end_to_end_in_parallel_then_resume(chat_model_dir, tmp_path):
             state = json.loads((folder / method / "checkpoint" / "trainer_state.json").read_text())
             saved = state["config"]
             assert (saved["regularizer"], saved["beta"]) == (method.split("-")[0], beta)
+            assert saved["lr_schedule"] == config.rl_lr_schedule == "linear"
+            assert {"mean_reward_valid", "mean_reward_invalid"} <= set(
+                metrics["methods"][method]["sampled"]
+            )
         report = (folder / "report.md").read_text()
+        assert "reward, invalid − valid samples" in report
         assert "Which season is your favourite?" in report  # samples show the question
         assert (folder / "answer_distributions.png").stat().st_size > 0
     overall = (out / "report.md").read_text()
@@ -149,5 +154,6 @@ def test_cli_help_lists_every_option():
         [sys.executable, "-m", "pmrlhf", "experiment", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0
-    for flag in ("--seeds", "--cpm-alpha", "--kl-strong-beta", "--rl-steps", "--system-prompt"):
+    for flag in ("--seeds", "--cpm-alpha", "--kl-strong-beta", "--rl-steps", "--rl-lr-schedule",
+                 "--system-prompt"):  # fmt: skip
         assert flag in result.stdout

@@ -290,6 +290,24 @@ def _mean_rows(rows: list[dict[str, float]]) -> dict[str, float]:
     return {key: sum(r[key] for r in rows) / len(rows) for key in rows[0]}
 
 
+def _rewards_by_validity(samples: list[PromptSamples], world: World) -> dict[str, float]:
+    """Mean reward of the valid and of the invalid samples, pooled over prompts (NaN: none).
+
+    An invalid mean near the valid one says the reward model does not tell off-world text
+    (paraphrases the world does not list, slips) from the world's answers.
+    """
+    pooled: dict[bool, list[float]] = {True: [], False: []}
+    for s in samples:
+        for text, reward in zip(s.responses, s.rewards.tolist(), strict=True):
+            pooled[world.classify(s.prompt, text) is not None].append(reward)
+    return {
+        f"mean_reward_{'valid' if valid else 'invalid'}": (
+            sum(values) / len(values) if values else math.nan
+        )
+        for valid, values in pooled.items()
+    }
+
+
 def world_metrics(
     samples: list[PromptSamples], world: World, reward_fn: RewardFn, policy=None, tokenizer=None
 ) -> WorldMetrics:
@@ -331,7 +349,10 @@ def world_metrics(
                 fallback += 1
         sampled.append(row)
         per_prompt.append(record)
-    result = WorldMetrics(means=_mean_rows(sampled), per_prompt=per_prompt)
+    result = WorldMetrics(
+        means={**_mean_rows(sampled), **_rewards_by_validity(samples, world)},
+        per_prompt=per_prompt,
+    )
     if exact:
         result.exact = _mean_rows(exact)
         result.tv_valid_from_exact = fallback

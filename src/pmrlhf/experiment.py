@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -41,6 +42,7 @@ import torch
 from torch import Tensor
 
 from pmrlhf.config import add_config_arguments, config_from_args, option, to_dict
+from pmrlhf.optim import LR_SCHEDULES
 from pmrlhf.rl.advantages import ADVANTAGE_ESTIMATORS
 
 __all__ = [
@@ -114,7 +116,13 @@ class ExperimentConfig:
     # RL (full fine-tuning)
     rl_algo: str = option("rloo", help="RL algorithm of every run", choices=ADVANTAGE_ESTIMATORS)
     rl_steps: int = option(80, help="RL steps per run (the same for every run)")
-    rl_lr: float = option(2e-5, help="RL learning rate")
+    rl_lr: float = option(3e-5, help="RL peak learning rate")
+    rl_lr_schedule: str = option(
+        "linear",
+        help="RL learning-rate schedule; linear decay to 0 lets the runs settle instead of "
+        "wandering around their optimum",
+        choices=LR_SCHEDULES,
+    )
     prompts_per_step: int = option(4, help="prompts per RL step")
     samples_per_prompt: int = option(4, help="responses per prompt per RL step")
     max_new_tokens: int = option(12, help="maximum response length")
@@ -389,7 +397,7 @@ def _train_rl(
         regularizer=run_spec.regularizer, beta=getattr(config, run_spec.beta_field),
         alpha=cpm_alpha, max_steps=config.rl_steps, prompts_per_step=config.prompts_per_step,
         samples_per_prompt=config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
-        lr=config.rl_lr, critic_lr=config.rl_lr, lr_schedule="constant", seed=seed,
+        lr=config.rl_lr, critic_lr=config.rl_lr, lr_schedule=config.rl_lr_schedule, seed=seed,
         output_dir=str(out), overwrite=True, quiet=config.quiet, dtype="fp32",
     )  # fmt: skip
     prompts = [r.prompt for r in load_prompts(files["prompts_train"])]
@@ -399,7 +407,8 @@ def _train_rl(
 
 #: Metrics kept per policy (exact ones are computed by teacher forcing over the valid answers).
 _SAMPLED_KEYS = ("pmd", "pmd_untruncated", "mean_reward", "kl_to_ref", "entropy",
-                 "invalid_rate", "minority_mass", "tv_to_target")  # fmt: skip
+                 "invalid_rate", "minority_mass", "tv_to_target", "mean_reward_valid",
+                 "mean_reward_invalid")  # fmt: skip
 _EXACT_KEYS = ("tv_to_target", "tv_to_truth", "tv_valid", "minority_mass",
                "minority_share_valid", "target_minority_mass", "invalid_rate")  # fmt: skip
 
@@ -554,8 +563,8 @@ def _method_table(metrics: dict[str, Any]) -> str:
     lines = [
         "| policy | TV to softmax(r) | TV to truth | minority mass (target) | minority share of "
         "valid (at the run's optimum) | invalid | PMD | PMD, no top-p | PMD, valid pairs | reward | "
-        "KL to SFT |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "reward, invalid − valid samples | KL to SFT |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for method, row in metrics["methods"].items():
         e, s = row["exact"], row["sampled"]
@@ -566,9 +575,16 @@ def _method_table(metrics: dict[str, Any]) -> str:
             f"{e['minority_mass']:.3f} ({e['target_minority_mass']:.3f}) | "
             f"{e['minority_share_valid']:.3f}{at_optimum} | {e['invalid_rate']:.3f} | "
             f"{s['pmd']:.3f} | {s['pmd_untruncated']:.3f} | {e['pmd_valid_pairs']:.3f} | "
-            f"{s['mean_reward']:+.3f} | {s.get('kl_to_ref', float('nan')):.3f} |"
+            f"{s['mean_reward']:+.3f} | {_reward_gap(s)} | {s.get('kl_to_ref', float('nan')):.3f} |"
         )
     return "\n".join(lines)
+
+
+def _reward_gap(sampled: dict[str, float]) -> str:
+    """Mean reward of the invalid samples minus the valid ones' ("–" where either is missing):
+    near 0 or above, the reward model does not tell off-world text from the world's answers."""
+    gap = sampled.get("mean_reward_invalid", math.nan) - sampled.get("mean_reward_valid", math.nan)
+    return "–" if math.isnan(gap) else f"{gap:+.2f}"
 
 
 def _write_seed_report(config, out: Path, metrics: dict[str, Any], questions) -> None:
