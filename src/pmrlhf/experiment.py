@@ -116,7 +116,7 @@ class ExperimentConfig:
     # RL (full fine-tuning)
     rl_algo: str = option("rloo", help="RL algorithm of every run", choices=ADVANTAGE_ESTIMATORS)
     rl_steps: int = option(80, help="RL steps per run (the same for every run)")
-    rl_lr: float = option(3e-5, help="RL peak learning rate")
+    rl_lr: float = option(2e-5, help="RL peak learning rate")
     rl_lr_schedule: str = option(
         "linear",
         help="RL learning-rate schedule; linear decay to 0 lets the runs settle instead of "
