@@ -165,10 +165,11 @@ def _decode(
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     tokens: list[Tensor] = []
     logprobs: list[Tensor] = []
-    # per step, whether some row was still decoding (sharded runs go on past the last end)
+    # sharded runs go on past the last row's end: per step, whether some row was still decoding
     live_steps: list[Tensor] = []
     for step in range(steps):
-        live_steps.append(~finished.all())
+        if settings.sharded:
+            live_steps.append(~finished.all())
         blocked = eos if step < settings.min_new_tokens else None
         next_logits = next_token_logits(
             logits, settings.temperature, settings.top_k, settings.top_p, allowed, blocked
@@ -192,7 +193,8 @@ def _decode(
             use_cache=True,
             cache_position=torch.tensor([length], device=device),
         ).logits[:, -1]
-    width = int(torch.stack(live_steps).sum())  # the steps after every row's end are dropped
+    # the steps after every row's end are dropped (unsharded runs stopped there already)
+    width = int(torch.stack(live_steps).sum()) if settings.sharded else len(tokens)
     return torch.stack(tokens, dim=1)[:, :width], torch.stack(logprobs, dim=1)[:, :width]
 
 
