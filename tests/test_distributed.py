@@ -286,8 +286,12 @@ def _single_env() -> dict[str, str]:
     return env
 
 
-def _run_two_processes(*argv: str, fsdp_report: Path | None = None) -> None:
-    """`pmrlhf` on 2 gloo processes: DDP, or with ``fsdp_report`` accelerate's FSDP2 path."""
+def _run_two_processes(
+    *argv: str, fsdp_report: Path | None = None, timeout: float | None = None
+) -> None:
+    """`pmrlhf` on 2 gloo processes: DDP, or with ``fsdp_report`` accelerate's FSDP2 path (where
+    an ``argv`` starting with a ``.py`` script runs that script instead, tests/scripts/fsdp_on_cpu.py).
+    ``timeout`` turns a hang into a failure."""
     from conftest import two_process_launch
 
     if fsdp_report is None:
@@ -299,7 +303,7 @@ def _run_two_processes(*argv: str, fsdp_report: Path | None = None) -> None:
         fsdp_report.mkdir(parents=True, exist_ok=True)
         env["FSDP_ON_CPU_REPORT"] = str(fsdp_report)
     env["PYTHONPATH"] = _single_env()["PYTHONPATH"]
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     if fsdp_report is not None:
         for rank in (0, 1):
@@ -505,18 +509,10 @@ def test_fsdp2_decoding_with_ranks_ending_at_different_steps(tiny_model_dir, tmp
     """A sharded policy's rollouts when one rank's responses end at once and the other's run to
     the limit: both decoders finish on both ranks (a rank leaving the loop early would leave the
     other waiting in an all-gather) and give the unsharded model's greedy responses."""
-    from conftest import two_process_launch
-
-    command, env = two_process_launch(
-        str(SCRIPTS / "fsdp_on_cpu.py"), str(SCRIPTS / "sharded_decoding.py"),
-        str(tiny_model_dir), str(tmp_path),
+    _run_two_processes(
+        str(SCRIPTS / "sharded_decoding.py"), str(tiny_model_dir), str(tmp_path),
+        fsdp_report=tmp_path / "report", timeout=300,  # a hang fails here, not as a stuck suite
     )  # fmt: skip
-    launch = command.index("--multi_gpu")
-    command[launch : launch + 1] = ["--config_file", str(CONFIGS / "fsdp.yaml")]
-    env["PYTHONPATH"] = _single_env()["PYTHONPATH"]
-    # a hang shows as this timeout, not as a stuck suite
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for decoder in ("hf", "lean"):
         for rank, report in enumerate(reports):
