@@ -98,6 +98,10 @@ def test_config_errors_name_the_field():
         ExperimentConfig(cpm_alpha=1.0)
     with pytest.raises(ValueError, match="rl_steps must be at least 1"):
         ExperimentConfig(rl_steps=0)
+    with pytest.raises(ValueError, match=r"rl_lr_schedule must be one of .*'step'"):
+        ExperimentConfig(rl_lr_schedule="step")
+    with pytest.raises(ValueError, match=r"rl_algo must be one of .*'dpo'"):
+        ExperimentConfig(rl_algo="dpo")
 
 
 def test_two_seeds_end_to_end_in_parallel_then_resume(chat_model_dir, tmp_path):

@@ -166,6 +166,12 @@ class ExperimentConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.cpm_alpha < 1:
             raise ValueError(f"cpm_alpha must be in [0, 1), got {self.cpm_alpha}")
+        # checked here, not only when the RL stage builds its config after SFT and the reward model
+        for name, choices in (("rl_algo", ADVANTAGE_ESTIMATORS), ("rl_lr_schedule", LR_SCHEDULES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}"
+                )
 
 
 # --------------------------------------------------------------------------- model and world
