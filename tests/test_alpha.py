@@ -54,6 +54,21 @@ def test_separating_alpha_on_overlapping_groups_is_the_best_grid_threshold():
     assert 0.02 <= alpha < 0.2
 
 
+def test_separating_alpha_keeps_the_valid_responses_whole_before_catching_likely_slips():
+    # 5% of the valid responses have a token at 0.03; half of the slips are likely (0.1)
+    valid = np.array([0.5] * 95 + [0.03] * 5)
+    slips = np.array([1e-3] * 10 + [0.1] * 10)
+    # unbounded, catching the likely slips wins: α ≥ 0.1 puts the 5% of valid responses under it
+    assert separating_alpha(valid, slips) >= 0.1
+    # bounded at 1% of the valid responses, α stays below them and leaves the likely slips
+    alpha = separating_alpha(valid, slips, max_valid_below=0.01)
+    assert 1e-3 <= alpha < 0.03
+    assert separation_score(valid, slips, alpha) == pytest.approx(1.5)
+    assert 0.03 <= separating_alpha(valid, slips, max_valid_below=0.05) < 0.5
+    # no grid value keeps them whole: the smallest one, where the fewest are lost
+    assert separating_alpha(np.array([1e-5, 0.5]), slips, max_valid_below=0.0) == ALPHA_GRID[0]
+
+
 def test_report_with_a_world_separates_valid_answers_from_slips(fitted, tmp_path):
     world, tokenizer, policy, prompt, _ = fitted
     report = alpha_report(policy, tokenizer, [prompt], world=world, max_new_tokens=12,
@@ -62,6 +77,11 @@ def test_report_with_a_world_separates_valid_answers_from_slips(fitted, tmp_path
     assert report.valid_samples + report.invalid_samples == 200
     assert report.invalid_samples > 0 and report.valid_samples > 100
     assert len(report.slip_probabilities) == report.invalid_samples
+    # every invalid sample is kept as text, e.g. for annotators to rank below the answers
+    assert len(report.slip_responses) == report.invalid_samples
+    assert all(row["prompt"] == prompt and world.classify(prompt, row["response"]) is None
+               for row in report.slip_responses)  # fmt: skip
+    assert repr(report.slip_responses[0]["response"].strip()) in report.summary
     # valid-answer tokens include every teacher-forced token of every valid answer
     logp, mask = valid_sequence_logprobs(policy, tokenizer, world, prompt)
     forced = logp.double().exp()[mask.bool()]
@@ -85,6 +105,7 @@ def test_report_with_a_world_separates_valid_answers_from_slips(fitted, tmp_path
     assert saved["recommended_alpha"] == report.recommended_alpha
     assert sum(saved["histogram_log10"]["slips"]) == report.invalid_samples
     assert "valid_probabilities" not in saved and saved["summary"] == report.summary
+    assert saved["slip_responses"] == report.slip_responses
     assert plot_alpha_report(report, tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -103,7 +124,9 @@ def test_report_with_a_world_flags_an_overlap(fitted, tmp_path):
     def score(valid_responses_at_or_below, slips_above):
         return (1 - valid_responses_at_or_below) + (1 - slips_above)
 
-    best = max(score(r["valid_responses_at_or_below"], r["slips_above"]) for r in report.grid)
+    eligible = [r for r in report.grid if r["valid_responses_at_or_below"] <= 0.01]
+    best = max(score(r["valid_responses_at_or_below"], r["slips_above"]) for r in eligible)
+    assert report.max_valid_below == 0.01 and report.valid_responses_at_or_below <= 0.01
     assert score(report.valid_responses_at_or_below, report.slips_above) >= best - 1e-12
     assert (
         report.valid_responses_at_or_below >= report.valid_at_or_below

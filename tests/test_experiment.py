@@ -96,6 +96,8 @@ def test_config_errors_name_the_field():
         ExperimentConfig(seeds=[0, 0])
     with pytest.raises(ValueError, match="cpm_alpha"):
         ExperimentConfig(cpm_alpha=1.0)
+    with pytest.raises(ValueError, match=r"off_world_share must be in \[0, 1\], got 1.5"):
+        ExperimentConfig(off_world_share=1.5)
     with pytest.raises(ValueError, match="rl_steps must be at least 1"):
         ExperimentConfig(rl_steps=0)
     with pytest.raises(ValueError, match=r"rl_lr_schedule must be one of .*'step'"):
@@ -122,6 +124,16 @@ def test_two_seeds_end_to_end_in_parallel_then_resume(chat_model_dir, tmp_path):
         metrics = json.loads((folder / "metrics.json").read_text())
         assert set(metrics["methods"]) == {"sft", "kl", "kl-strong", "cpm"}
         assert metrics["cpm_alpha"] == stages["alpha"]["recommended_alpha"]
+        # the reward model trains after α's samples, on rankings holding half of them, ranked last
+        assert list(stages["_seconds"])[:4] == ["data", "sft", "alpha", "rm"]
+        slips = json.loads((folder / "alpha.json").read_text())["slip_responses"]
+        assert slips, "the barely trained SFT model slips"
+        ranked = [json.loads(line) for line in (folder / "data" / "rankings.jsonl").open()]
+        with_slips = [json.loads(line) for line in
+                      (folder / "data" / "rankings_off_world.jsonl").open()]  # fmt: skip
+        assert [r["responses"][:3] for r in with_slips] == [r["responses"] for r in ranked]
+        added = [r["responses"][3] for r in with_slips if len(r["responses"]) == 4]
+        assert 0 < len(added) < len(ranked) and set(added) <= {s["response"] for s in slips}
         for method, row in metrics["methods"].items():
             dist = [r["exact_distribution"] for r in metrics["per_prompt"][method]]
             assert all(abs(sum(d) - 1) < 1e-6 for d in dist), method

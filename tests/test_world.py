@@ -366,6 +366,44 @@ def test_rankings_check_k(world: World) -> None:
         world.sample_rankings(1, k=1)
 
 
+def test_off_world_responses_are_added_last_in_a_share_of_rankings(world: World) -> None:
+    drink, season = "Which drink do you prefer ?", "Which season do you like best ?"
+    other_drink = next(p for p in world.train_prompts() if p != drink and
+                       world.family_of(p) == world.family_of(drink))  # fmt: skip
+    rankings = world.sample_rankings(4000, k=3, seed=1, prompts=[drink, other_drink, season])
+    slips = [{"prompt": drink, "response": "Lemonade, please."},
+             {"prompt": other_drink, "response": "Milk."},
+             {"prompt": other_drink, "response": "Milk."},
+             {"prompt": drink, "response": "  "}]  # fmt: skip
+    rows = world.add_off_world(rankings, slips, share=0.5, seed=2)
+    assert [r["responses"][:3] for r in rows] == [r["responses"] for r in rankings]
+    assert all(len(r["responses"]) == 3 for r in rankings)  # the input is not changed
+    drawn = Counter()
+    for row in rows:
+        if world.family_of(row["prompt"]) != world.family_of(drink):
+            assert len(row["responses"]) == 3  # no slips of this family: left as it is
+            continue
+        if len(row["responses"]) == 4:
+            # a slip of the row's family, whichever wording it was sampled for, ranked last
+            assert world.classify(row["prompt"], row["responses"][3]) is None
+            drawn[row["responses"][3]] += 1
+    n_drink = sum(world.family_of(r["prompt"]) == world.family_of(drink) for r in rows)
+    share = sum(drawn.values()) / n_drink
+    assert abs(share - 0.5) <= 3 * math.sqrt(0.25 / n_drink)
+    # drawn as often as sampled: "Milk." twice as often as "Lemonade, please."; blanks never
+    assert set(drawn) == {"Milk.", "Lemonade, please."}
+    n = sum(drawn.values())
+    assert abs(drawn["Milk."] / n - 2 / 3) <= 3 * math.sqrt(2 / 9 / n)
+    assert world.add_off_world(rankings, slips, share=0.0) == rankings
+    assert all(len(r["responses"]) == 4 for r in world.add_off_world(
+        rankings, slips, share=1.0) if world.family_of(r["prompt"]) == "drink")  # fmt: skip
+    listed = {"prompt": season, "response": "I like summer best ."}
+    with pytest.raises(ValueError, match=r"off-world row 1: 'I like summer best \.' is a listed"):
+        world.add_off_world(rankings, [slips[0], listed], share=0.5)
+    with pytest.raises(ValueError, match="share"):
+        world.add_off_world(rankings, slips, share=1.5)
+
+
 def test_sft_rows_are_balanced_over_training_prompts_and_sequences(world: World) -> None:
     combos = [(p, t) for p in world.train_prompts() for _, t in world.valid_sequences(p)]
     n = 5 * len(combos) + 7

@@ -8,7 +8,10 @@ With a world file (--world), every sample is valid (one of the world's answers) 
 valid-answer tokens (those of valid samples, and every token of every valid answer by teacher
 forcing) should lie above α; the slips (in each invalid sample, its least likely token, where
 the reference left the valid answers) should lie at or below it. The recommended α is the value
-on a log-spaced grid that separates the two best.
+on a log-spaced grid that separates the two best while keeping at most 1% (--max-valid-below) of
+the valid responses whole: a valid response with a token under α leaves preference matching for
+the KL term, which biases the answer distribution, while a slip that the reference finds likely
+is better left to the reward model to score.
 
 Without a world, the recommended α is a low quantile (--tail) of all sampled tokens' reference
 probabilities: about that share of the tokens the reference produces gets the KL term.
@@ -66,6 +69,8 @@ class AlphaReport:
     ``slips_above`` (share of slips that would be treated as meaningful) and
     ``tokens_at_or_below`` (share of all sampled tokens that would get the KL term).
     The raw probabilities behind it are kept for plotting but not written by :meth:`to_dict`.
+    ``slip_responses`` holds every invalid sample as ``{"prompt", "response"}``: what the
+    reference says outside the world, e.g. for annotators to rank below the world's answers.
     """
 
     recommended_alpha: float
@@ -78,6 +83,7 @@ class AlphaReport:
     tokens_at_or_below: float
     grid: list[dict[str, float]]
     tail: float | None = None
+    max_valid_below: float | None = None
     valid_samples: int | None = None
     invalid_samples: int | None = None
     invalid_without_eos: int | None = None
@@ -90,6 +96,7 @@ class AlphaReport:
     valid_probabilities: list[float] = field(default_factory=list, repr=False)
     slip_probabilities: list[float] = field(default_factory=list, repr=False)
     token_probabilities: list[float] = field(default_factory=list, repr=False)
+    slip_responses: list[dict[str, str]] = field(default_factory=list, repr=False)
 
     @property
     def separated(self) -> bool | None:
@@ -149,7 +156,8 @@ class AlphaReport:
         vq, sq = self.valid_quantiles or {}, self.slip_quantiles or {}
         lines = [
             f"recommended α = {a:.3g}: the grid value that best separates valid responses "
-            "(their least likely token above α) from slips (at or below α)",
+            "(their least likely token above α) from slips (at or below α), with at most "
+            f"{self.max_valid_below:.0%} of the valid responses at or below it",
             f"  {samples}: {self.valid_samples} valid, {self.invalid_samples} invalid"
             + (
                 f" ({self.invalid_without_eos} of them stopped at the token limit)"
@@ -164,6 +172,9 @@ class AlphaReport:
                 f"  slips (least likely token of each invalid sample, n={self.invalid_samples}): "
                 f"median {sq['q50']:.3g}, 90% {sq['q90']:.3g}, highest {sq['q100']:.3g}"
             )
+            examples = list(dict.fromkeys(s["response"].strip() for s in self.slip_responses))
+            if examples:
+                lines.append("  slips, e.g.: " + " · ".join(repr(t) for t in examples[:3]))
         else:
             lines.append("  no invalid sample: no slips to separate; α only has to stay below "
                          "the valid-answer tokens")  # fmt: skip
@@ -226,12 +237,21 @@ def separation_score(valid: np.ndarray, slips: np.ndarray, alpha: float) -> floa
 
 
 def separating_alpha(
-    valid: np.ndarray, slips: np.ndarray, grid: Sequence[float] = ALPHA_GRID
+    valid: np.ndarray,
+    slips: np.ndarray,
+    grid: Sequence[float] = ALPHA_GRID,
+    max_valid_below: float = 1.0,
 ) -> float:
-    """The grid value that maximises :func:`separation_score`; among tied values, the geometric
-    middle of the longest run of consecutive tied grid values (when that middle scores as well;
-    otherwise the run's grid value nearest to it)."""
-    scores = np.array([separation_score(valid, slips, a) for a in grid])
+    """The grid value that maximises :func:`separation_score` among those with at most
+    ``max_valid_below`` of ``valid`` at or below them (all of them when none qualifies but the
+    smallest: then that one); among tied values, the geometric middle of the longest run of
+    consecutive tied grid values (when that middle scores as well; otherwise the run's grid
+    value nearest to it)."""
+    allowed = np.array([_share_at_or_below(valid, a) <= max_valid_below for a in grid])
+    allowed[0] = True  # the smallest threshold is always a candidate
+    scores = np.array(
+        [separation_score(valid, slips, a) if ok else -np.inf for a, ok in zip(grid, allowed)]
+    )
     best = scores.max()
     tied = np.abs(scores - best) <= 1e-12
     runs: list[tuple[int, int]] = []
@@ -273,6 +293,7 @@ def alpha_report(
     batch_size: int = 64,
     *,
     tail: float = 0.05,
+    max_valid_below: float = 0.01,
 ) -> AlphaReport:
     """Sample ``samples_per_prompt`` responses per prompt from ``ref`` (temperature 1, no top-p,
     seeded with ``seed``) and recommend cpm's α from their reference token probabilities.
@@ -280,7 +301,7 @@ def alpha_report(
     With ``world`` (every prompt a wording it knows): valid-answer tokens are the tokens of the
     valid samples and, by teacher forcing, of every valid answer of every prompt; slips are,
     per invalid sample, its least likely token. α is the grid value that best separates them
-    (:func:`separating_alpha`). Without a world: α is the ``tail`` quantile of all sampled
+    with at most ``max_valid_below`` of the valid responses under it (:func:`separating_alpha`). Without a world: α is the ``tail`` quantile of all sampled
     tokens' probabilities, so about that share of them gets the KL term (:func:`tail_alpha`).
     """
     from pmrlhf.evaluate import valid_sequence_logprobs
@@ -294,6 +315,8 @@ def alpha_report(
     _check_positive("batch_size", batch_size)
     if not (isinstance(tail, (int, float)) and 0.0 < tail < 1.0):
         raise ValueError(f"tail must lie strictly between 0 and 1, got {tail!r}")
+    if not (isinstance(max_valid_below, (int, float)) and 0.0 <= max_valid_below <= 1.0):
+        raise ValueError(f"max_valid_below must lie in [0, 1], got {max_valid_below!r}")
     if world is not None:
         foreign = [p for p in prompts if not world.knows(p)]
         if foreign:
@@ -312,6 +335,7 @@ def alpha_report(
     # every one of its tokens is meaningful, so α is chosen on responses, like the slips
     valid_minima: list[float] = []
     slips: list[float] = []
+    slip_responses: list[dict[str, str]] = []
     n_valid = n_invalid = invalid_without_eos = 0
     for start in range(0, len(jobs), batch_size):
         rollout = generate(ref, tokenizer, jobs[start : start + batch_size], max_new_tokens)
@@ -331,6 +355,7 @@ def alpha_report(
             if world.classify(prompt, text) is None:
                 n_invalid += 1
                 slips.append(float(p.min()))
+                slip_responses.append({"prompt": prompt, "response": text})
                 if int(ids[i][mask[i]][-1]) not in eos:
                     invalid_without_eos += 1
             else:
@@ -374,7 +399,7 @@ def alpha_report(
     valid_p = np.concatenate(valid)
     slip_p = np.asarray(slips, dtype=np.float64)
     minima_p = np.asarray(valid_minima, dtype=np.float64)
-    alpha = separating_alpha(minima_p, slip_p)
+    alpha = separating_alpha(minima_p, slip_p, max_valid_below=max_valid_below)
     grid = [
         {
             "alpha": a,
@@ -390,6 +415,7 @@ def alpha_report(
         method="separation",
         tokens_at_or_below=_share_at_or_below(all_tokens, alpha),
         grid=grid,
+        max_valid_below=max_valid_below,
         valid_samples=n_valid,
         invalid_samples=n_invalid,
         invalid_without_eos=invalid_without_eos,
@@ -401,6 +427,7 @@ def alpha_report(
         slips_above=_share_above(slip_p, alpha),
         valid_probabilities=valid_p.tolist(),
         slip_probabilities=slip_p.tolist(),
+        slip_responses=slip_responses,
         **common,
     )
 
@@ -461,6 +488,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "demo's data/world.json; α is then chosen to separate valid answers from slips",
     )
     parser.add_argument(
+        "--max-valid-below",
+        type=float,
+        default=0.01,
+        metavar="Q",
+        help="with --world: α keeps at most this share of the valid responses under it, where "
+        "they would get the KL term instead of preference matching (default: 0.01)",
+    )
+    parser.add_argument(
         "--samples-per-prompt",
         type=int,
         default=8,
@@ -517,6 +552,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     if not 0.0 < args.tail < 1.0:
         raise ValueError(f"--tail must lie strictly between 0 and 1, got {args.tail}")
+    if not 0.0 <= args.max_valid_below <= 1.0:
+        raise ValueError(f"--max-valid-below must lie in [0, 1], got {args.max_valid_below}")
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(args.out)!r} is a file; give a folder")
@@ -543,6 +580,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         tail=args.tail,
+        max_valid_below=args.max_valid_below,
     )
     out.mkdir(parents=True, exist_ok=True)
     (out / "alpha.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")

@@ -10,8 +10,10 @@ Per seed, in order (each stage is skipped when a previous run of the same folder
 1. data: a preference world in natural language (``worlds/chat.json``) is rendered with the
    model's chat template and written as ordinary dataset files;
 2. sft: LoRA supervised fine-tuning on answers spread evenly over every valid answer;
-3. rm: a LoRA reward model on the SFT model, trained on the annotators' Plackett–Luce rankings;
-4. alpha: `pmrlhf alpha` on the SFT model (the reference) chooses cpm's threshold;
+3. alpha: `pmrlhf alpha` samples the SFT model (the reference) and chooses cpm's threshold;
+4. rm: a LoRA reward model on the SFT model, trained on the annotators' Plackett–Luce rankings;
+   half of them also hold one of the SFT model's invalid samples from step 3, ranked last, so
+   that the reward model scores text outside the world instead of extrapolating to it;
 5. rl-kl, rl-kl-strong, rl-cpm: RL from the SFT model with the same algorithm, budget and seed;
 6. eval: every policy on the held-out prompts — answer distributions (exact, by teacher forcing
    over the enumerable answers) against the reward model's softmax(r) and the hidden truth,
@@ -38,6 +40,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -104,7 +107,12 @@ class ExperimentConfig:
     # data
     n_sft: int = option(2000, help="SFT demonstrations written (uniform over valid answers)")
     n_rankings: int = option(1000, help="annotator rankings written (hidden Plackett–Luce model)")
-    ranking_size: int = option(3, help="responses per ranking (K)")
+    ranking_size: int = option(3, help="listed answers per ranking (K)")
+    off_world_share: float = option(
+        0.5,
+        help="share of the rankings that also hold one of the SFT model's invalid samples (from "
+        "the alpha stage) of the same question, ranked below the listed answers; 0: none",
+    )
     # SFT and reward model (LoRA, merged after training)
     lora_r: int = option(16, help="LoRA rank of the SFT and reward-model adapters")
     sft_steps: int = option(150, help="SFT optimizer steps")
@@ -133,7 +141,7 @@ class ExperimentConfig:
         0.0, help="cpm threshold α; 0: the value `pmrlhf alpha` recommends for the SFT model"
     )
     alpha_samples_per_prompt: int = option(
-        8, help="responses per training prompt that `pmrlhf alpha` samples from the SFT model"
+        64, help="responses per training prompt that `pmrlhf alpha` samples from the SFT model"
     )
     # evaluation
     eval_samples: int = option(
@@ -164,6 +172,8 @@ class ExperimentConfig:
         for name in ("kl_beta", "kl_strong_beta", "cpm_beta", "sft_lr", "rm_lr", "rl_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.off_world_share <= 1:
+            raise ValueError(f"off_world_share must be in [0, 1], got {self.off_world_share}")
         if not 0 <= self.cpm_alpha < 1:
             raise ValueError(f"cpm_alpha must be in [0, 1), got {self.cpm_alpha}")
         # checked here, not only when the RL stage builds its config after SFT and the reward model
@@ -276,7 +286,7 @@ def run_seed(config: ExperimentConfig, seed: int, base: str, out: Path) -> dict[
     out.mkdir(parents=True, exist_ok=True)
     rl_methods = [m for m in config.methods if m in RL_RUNS]
     evaluated_methods = [m for m in METHODS if m in config.methods]
-    stages = _Stages(out, ["data", "sft", "rm", "alpha", *(f"rl-{m}" for m in rl_methods),
+    stages = _Stages(out, ["data", "sft", "alpha", "rm", *(f"rl-{m}" for m in rl_methods),
                            *(f"eval-{m}" for m in evaluated_methods)])  # fmt: skip
     start = time.perf_counter()
     set_seed(seed)
@@ -304,19 +314,6 @@ def run_seed(config: ExperimentConfig, seed: int, base: str, out: Path) -> dict[
 
     sft_dir = str(out / stages.run("sft", sft))
 
-    def reward_model() -> dict[str, Any]:
-        from pmrlhf.reward import RMConfig, train_reward_model
-
-        result = train_reward_model(RMConfig(
-            model=sft_dir, data=files["rankings"], max_steps=config.rm_steps, lr=config.rm_lr,
-            batch_size=config.rm_batch_size, lora_r=config.lora_r, eval_fraction=0.05,
-            quiet=config.quiet, **_stage_settings(seed, out / "rm"),
-        ))  # fmt: skip
-        evaluation = {k: v for k, v in result.get("eval", {}).items() if isinstance(v, float)}
-        return {"model_dir": os.path.relpath(result["model_dir"], out), "eval": evaluation}
-
-    rm = stages.run("rm", reward_model)
-    rm_dir = str(out / rm["model_dir"])
     device = torch.device("cpu")
     ref = load_causal_lm(sft_dir).eval()
 
@@ -332,6 +329,24 @@ def run_seed(config: ExperimentConfig, seed: int, base: str, out: Path) -> dict[
         return {"recommended_alpha": report.recommended_alpha, "summary": report.summary}
 
     alpha = stages.run("alpha", choose_alpha)
+
+    def reward_model() -> dict[str, Any]:
+        from pmrlhf.reward import RMConfig, train_reward_model
+
+        rankings = files["rankings"]
+        if config.off_world_share > 0:
+            rankings = _rankings_with_slips(world, rankings, out / "alpha.json",
+                                            config.off_world_share, seed)  # fmt: skip
+        result = train_reward_model(RMConfig(
+            model=sft_dir, data=rankings, max_steps=config.rm_steps, lr=config.rm_lr,
+            batch_size=config.rm_batch_size, lora_r=config.lora_r, eval_fraction=0.05,
+            quiet=config.quiet, **_stage_settings(seed, out / "rm"),
+        ))  # fmt: skip
+        evaluation = {k: v for k, v in result.get("eval", {}).items() if isinstance(v, float)}
+        return {"model_dir": os.path.relpath(result["model_dir"], out), "eval": evaluation}
+
+    rm = stages.run("rm", reward_model)
+    rm_dir = str(out / rm["model_dir"])
     cpm_alpha = config.cpm_alpha or float(alpha["recommended_alpha"])
     reward_fn = ModelReward(rm_dir, device, torch.float32, batch_size=64)
     for method in rl_methods:
@@ -380,6 +395,17 @@ def run_seed(config: ExperimentConfig, seed: int, base: str, out: Path) -> dict[
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     _write_seed_report(config, out, metrics, questions)
     return metrics
+
+
+def _rankings_with_slips(world, rankings: str, alpha_json: Path, share: float, seed: int) -> str:
+    """The annotators' rankings with the alpha stage's invalid samples added (see
+    :meth:`pmrlhf.world.World.add_off_world`), written beside them; returns the new file."""
+    from pmrlhf.runtime import read_jsonl, write_jsonl
+
+    slips = json.loads(alpha_json.read_text())["slip_responses"]
+    rng = np.random.default_rng([seed, 1])  # a stream of its own: the rankings are unchanged
+    rows = world.add_off_world(read_jsonl(rankings), slips, share, seed=rng)
+    return str(write_jsonl(Path(rankings).with_name("rankings_off_world.jsonl"), rows))
 
 
 def _train_rl(

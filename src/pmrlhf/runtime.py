@@ -9,7 +9,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -510,6 +510,15 @@ def _jsonable(value: Any) -> Any:
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     with Path(path).open() as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path:
+    """One JSON object per line, UTF-8, non-ASCII text kept as it is; returns the path."""
+    path = Path(path)
+    with path.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
 
 
 class Stopwatch:

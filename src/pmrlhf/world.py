@@ -41,6 +41,7 @@ from typing import Any, NoReturn
 import numpy as np
 import torch
 
+from pmrlhf.runtime import write_jsonl
 from pmrlhf.theory import btl_probability
 
 __all__ = [
@@ -457,6 +458,45 @@ class World:
             rows.append({"prompt": prompt, "responses": [seqs[int(picked[o])][1] for o in order]})
         return rows
 
+    def add_off_world(
+        self,
+        rankings: Sequence[dict[str, Any]],
+        off_world: Iterable[dict[str, str]],
+        share: float,
+        seed: SeedLike = 0,
+    ) -> list[dict[str, Any]]:
+        """``rankings`` with, in about ``share`` of the rows, one off-world response ranked last.
+
+        ``off_world`` holds ``{"prompt", "response"}`` rows whose response the world does not
+        list, such as the SFT model's invalid samples (``AlphaReport.slip_responses``). An
+        annotator ranks every answer the world lists above text that is not one: a paraphrase it
+        does not list, another family's answer, a truncation. A row gets a response drawn from
+        those of its own family (as often as it occurs there, so common slips are seen most);
+        rows of a family without any keep their responses. The rows are copied.
+        """
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"share must lie in [0, 1], got {share}")
+        pools: dict[str, list[str]] = {}
+        for i, row in enumerate(off_world):
+            prompt, response = row["prompt"], row["response"]
+            if not response.strip():
+                continue
+            if self.classify(prompt, response) is not None:
+                raise ValueError(
+                    f"off-world row {i}: {response!r} is a listed answer to {prompt!r}, not "
+                    "off-world text"
+                )
+            pools.setdefault(self.family_of(prompt), []).append(response)
+        rng = np.random.default_rng(seed)
+        out: list[dict[str, Any]] = []
+        for ranking in rankings:
+            pool = pools.get(self.family_of(ranking["prompt"]), [])
+            responses = list(ranking["responses"])
+            if pool and rng.random() < share:
+                responses.append(pool[int(rng.integers(len(pool)))])
+            out.append({**ranking, "responses": responses})
+        return out
+
     def sft_rows(
         self, n: int, seed: SeedLike = 0, prompts: Sequence[str] | None = None
     ) -> list[dict[str, str]]:
@@ -548,11 +588,7 @@ class World:
         }
         paths: dict[str, Path] = {}
         for name, rows in contents.items():
-            path = out / f"{name}.jsonl"
-            with path.open("w", encoding="utf-8") as fh:
-                for row in rows:
-                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            paths[name] = path
+            paths[name] = write_jsonl(out / f"{name}.jsonl", rows)
         world_path = out / "world.json"
         description = self.describe()
         description["seed"] = seed
