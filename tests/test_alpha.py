@@ -170,11 +170,12 @@ def test_cli_with_a_world_file_writes_json_and_plot(fitted, tmp_path, capsys):
     out = tmp_path / "alpha"
     args = ["alpha", "--ref", str(model_dir), "--prompts", str(prompts), "--world", str(files["world"]),
             "--samples-per-prompt", "100", "--max-new-tokens", "12", "--device", "cpu",
-            "--out", str(out)]  # fmt: skip
+            "--max-valid-below", "0.05", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
     saved = json.loads((out / "alpha.json").read_text())
     assert saved["method"] == "separation" and saved["samples"] == 100
+    assert saved["max_valid_below"] == 0.05 and "at most 5% of the valid" in printed
     assert printed.startswith(f"recommended α = {saved['recommended_alpha']:.3g}")
     assert saved["summary"] in printed
     assert len(saved["grid"]) == len(ALPHA_GRID)
@@ -199,6 +200,7 @@ def test_cli_without_a_world(tiny_model_dir, tmp_path, capsys):
     ("change", "expected"),
     [
         ({"--tail": "1.5"}, "--tail must lie strictly between 0 and 1"),
+        ({"--max-valid-below": "-0.1"}, "--max-valid-below must lie in [0, 1]"),
         ({"--samples-per-prompt": "0"}, "--samples-per-prompt must be at least 1"),
         ({"--prompts": "MISSING"}, "missing.jsonl"),
         ({"--world": "default"}, "1 of the 1 prompts"),

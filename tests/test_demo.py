@@ -128,3 +128,18 @@ def test_report_is_written_from_results_alone(tmp_path):
 def test_report_does_not_import_the_demo():
     code = "import sys, pmrlhf.report; sys.exit('pmrlhf.demo' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_every_method_of_a_plot_gets_its_own_colour():
+    from matplotlib.colors import to_rgb
+
+    from pmrlhf.experiment import METHODS
+    from pmrlhf.report import METHOD_COLORS, method_colors
+
+    methods = [*METHODS, "pm", "my-run", "another-run"]
+    colors = method_colors(methods)
+    assert len({to_rgb(c) for c in colors.values()}) == len(methods)
+    # a name not listed never takes a listed method's colour
+    assert not {to_rgb(colors["my-run"]), to_rgb(colors["another-run"])} & {
+        to_rgb(c) for c in METHOD_COLORS.values()
+    }

@@ -11,7 +11,17 @@ if TYPE_CHECKING:
     from pmrlhf.evaluate import AnswerDistribution
 
 METHOD_COLORS = {"sft": "tab:gray", "kl": "tab:red", "pm": "tab:orange", "cpm": "tab:blue",
-                 "dpo": "tab:pink", "cpm-dpo": "tab:cyan", "pm-dpo": "tab:olive"}  # fmt: skip
+                 "dpo": "tab:pink", "cpm-dpo": "tab:cyan", "pm-dpo": "tab:olive",
+                 "kl-strong": "tab:purple"}  # fmt: skip
+#: for other method names, in order of appearance: colours no named method uses
+SPARE_COLORS = ("tab:brown", "tab:green", "gold", "navy", "teal", "maroon")
+
+
+def method_colors(methods: list[str]) -> dict[str, str]:
+    """A distinct colour per method: its own from :data:`METHOD_COLORS`, else a spare one (a
+    plotting library's default cycle would repeat the named methods' colours)."""
+    spare = iter(SPARE_COLORS * (1 + len(methods) // len(SPARE_COLORS)))
+    return {m: METHOD_COLORS[m] if m in METHOD_COLORS else next(spare) for m in methods}
 
 
 def _pyplot():
@@ -34,6 +44,7 @@ def plot_answer_distributions(per_prompt: dict[str, list[AnswerDistribution]], p
     for i, row in enumerate(first):
         families.setdefault(row.family, []).append(i)
     methods = list(per_prompt)
+    colors = method_colors(methods)
     cols = min(3, len(families))
     rows_n = -(-len(families) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.4 * rows_n), squeeze=False)
@@ -50,7 +61,7 @@ def plot_answer_distributions(per_prompt: dict[str, list[AnswerDistribution]], p
                color="black", alpha=0.3, label="target softmax(r)")  # fmt: skip
         for m, method in enumerate(methods):
             ax.bar([p - 0.4 + width * (m + 1.5) for p in positions], avg(method, "distribution"),
-                   width, color=METHOD_COLORS.get(method), label=method)  # fmt: skip
+                   width, color=colors[method], label=method)  # fmt: skip
         ax.scatter(positions, avg(methods[0], "truth"), marker="_", s=300, color="black",
                    label="ground truth", zorder=3)  # fmt: skip
         ax.set_xticks(positions, labels)
@@ -93,15 +104,14 @@ def plot_preference_histograms(per_prompt: dict[str, list[AnswerDistribution]], 
     """Histograms of the pairwise preference each policy implies vs the reward model's."""
     plt = _pyplot()
     methods = list(per_prompt)
+    colors = method_colors(methods)
     fig, axes = plt.subplots(1, len(methods), figsize=(3.6 * len(methods), 3.2), squeeze=False,
                              sharey=True)  # fmt: skip
     bins = [i / 20 for i in range(21)]
     for ax, method in zip(axes[0], methods, strict=True):
         prefs = answer_pair_preferences(per_prompt[method])
         ax.hist(prefs["target"], bins=bins, alpha=0.45, color="black", label="reward model")
-        ax.hist(
-            prefs["policy"], bins=bins, alpha=0.6, color=METHOD_COLORS.get(method), label=method
-        )
+        ax.hist(prefs["policy"], bins=bins, alpha=0.6, color=colors[method], label=method)
         ax.set_title(method)
         ax.set_xlabel("P(preferred answer ≻ other)")
     axes[0][0].set_ylabel("answer pairs")
@@ -118,13 +128,14 @@ def plot_training_curves(histories: dict[str, list[dict[str, float]]], path: Pat
         ("penalty_mean", "Σ p_t (penalty)"),
         ("entropy", "token entropy"),
     ]
+    colors = method_colors(list(histories))
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.2), squeeze=False)
     for ax, (key, label) in zip(axes[0], keys, strict=True):
         for method, rows in histories.items():
             ax.plot(
                 [r["step"] for r in rows],
                 [r.get(key, float("nan")) for r in rows],
-                color=METHOD_COLORS.get(method),
+                color=colors[method],
                 label=method,
             )
         ax.set_xlabel("step")
