@@ -628,7 +628,12 @@ def _write_seed_report(config, out: Path, metrics: dict[str, Any], questions) ->
             for row in rows]
         for m, rows in metrics["per_prompt"].items()
     }  # fmt: skip
-    plots = [plot_answer_distributions(per_prompt, out / "answer_distributions.png")]
+    exact = all(row.get("exact_distribution") is not None
+                for rows in metrics["per_prompt"].values() for row in rows)  # fmt: skip
+    plots = [plot_answer_distributions(
+        per_prompt, out / "answer_distributions.png",
+        ylabel="probability (exact)" if exact else "share of sampled responses",
+    )]  # fmt: skip
     histories = json.loads((out / "histories.json").read_text())
     if histories:
         plots.append(plot_training_curves(histories, out / "training_curves.png"))

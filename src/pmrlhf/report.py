@@ -33,10 +33,15 @@ def _pyplot():
     return plt
 
 
-def plot_answer_distributions(per_prompt: dict[str, list[AnswerDistribution]], path: Path) -> Path:
+def plot_answer_distributions(
+    per_prompt: dict[str, list[AnswerDistribution]],
+    path: Path,
+    ylabel: str = "share of sampled responses",
+) -> Path:
     """Per prompt family: each method's answer distribution (+ invalid) against the target.
 
-    ``per_prompt`` maps each method to its per-prompt distributions, prompts in the same order.
+    ``per_prompt`` maps each method to its per-prompt distributions, prompts in the same order;
+    ``ylabel`` says what they are (sampled shares, or exact probabilities).
     """
     plt = _pyplot()
     first = next(iter(per_prompt.values()))
@@ -70,7 +75,7 @@ def plot_answer_distributions(per_prompt: dict[str, list[AnswerDistribution]], p
     for ax in axes.flat[len(families) :]:
         ax.axis("off")
     for ax in axes[:, 0]:
-        ax.set_ylabel("share of sampled responses")
+        ax.set_ylabel(ylabel)
     handles, names = axes.flat[0].get_legend_handles_labels()
     fig.suptitle("Answer distribution per prompt family (held-out prompts)")
     fig.legend(
