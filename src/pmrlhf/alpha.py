@@ -242,11 +242,11 @@ def separating_alpha(
     grid: Sequence[float] = ALPHA_GRID,
     max_valid_below: float = 1.0,
 ) -> float:
-    """The grid value that maximises :func:`separation_score` among those with at most
-    ``max_valid_below`` of ``valid`` at or below them (all of them when none qualifies but the
-    smallest: then that one); among tied values, the geometric middle of the longest run of
-    consecutive tied grid values (when that middle scores as well; otherwise the run's grid
-    value nearest to it)."""
+    """The grid value that maximises :func:`separation_score` among the candidates: the grid
+    values with at most ``max_valid_below`` of ``valid`` at or below them, and always the
+    smallest one (so a bound no value meets gives the smallest). Among tied values, the
+    geometric middle of the longest run of consecutive tied grid values (when that middle scores
+    as well; otherwise the run's grid value nearest to it)."""
     allowed = np.array([_share_at_or_below(valid, a) <= max_valid_below for a in grid])
     allowed[0] = True  # the smallest threshold is always a candidate
     scores = np.array(
@@ -301,8 +301,9 @@ def alpha_report(
     With ``world`` (every prompt a wording it knows): valid-answer tokens are the tokens of the
     valid samples and, by teacher forcing, of every valid answer of every prompt; slips are,
     per invalid sample, its least likely token. α is the grid value that best separates them
-    with at most ``max_valid_below`` of the valid responses under it (:func:`separating_alpha`). Without a world: α is the ``tail`` quantile of all sampled
-    tokens' probabilities, so about that share of them gets the KL term (:func:`tail_alpha`).
+    with at most ``max_valid_below`` of the valid responses under it (:func:`separating_alpha`).
+    Without a world: α is the ``tail`` quantile of all sampled tokens' probabilities, so about
+    that share of them gets the KL term (:func:`tail_alpha`).
     """
     from pmrlhf.evaluate import valid_sequence_logprobs
     from pmrlhf.runtime import set_seed

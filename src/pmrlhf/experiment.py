@@ -623,17 +623,14 @@ def _write_seed_report(config, out: Path, metrics: dict[str, Any], questions) ->
     from pmrlhf.evaluate import AnswerDistribution
     from pmrlhf.report import plot_answer_distributions, plot_training_curves
 
+    # the plot shows the exact distributions, which every evaluation here has (see _evaluate)
     per_prompt = {
-        m: [AnswerDistribution(**{**row, "distribution": row.get("exact_distribution") or row["distribution"]})
+        m: [AnswerDistribution(**{**row, "distribution": row["exact_distribution"]})
             for row in rows]
         for m, rows in metrics["per_prompt"].items()
     }  # fmt: skip
-    exact = all(row.get("exact_distribution") is not None
-                for rows in metrics["per_prompt"].values() for row in rows)  # fmt: skip
-    plots = [plot_answer_distributions(
-        per_prompt, out / "answer_distributions.png",
-        ylabel="probability (exact)" if exact else "share of sampled responses",
-    )]  # fmt: skip
+    plots = [plot_answer_distributions(per_prompt, out / "answer_distributions.png",
+                                       ylabel="probability (exact)")]  # fmt: skip
     histories = json.loads((out / "histories.json").read_text())
     if histories:
         plots.append(plot_training_curves(histories, out / "training_curves.png"))

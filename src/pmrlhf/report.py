@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ SPARE_COLORS = ("tab:brown", "tab:green", "gold", "navy", "teal", "maroon")
 def method_colors(methods: list[str]) -> dict[str, str]:
     """A distinct colour per method: its own from :data:`METHOD_COLORS`, else a spare one (a
     plotting library's default cycle would repeat the named methods' colours)."""
-    spare = iter(SPARE_COLORS * (1 + len(methods) // len(SPARE_COLORS)))
+    spare = itertools.cycle(SPARE_COLORS)
     return {m: METHOD_COLORS[m] if m in METHOD_COLORS else next(spare) for m in methods}
 
 
