@@ -163,6 +163,31 @@ def test_two_seeds_end_to_end_in_parallel_then_resume(chat_model_dir, tmp_path):
     run_experiment(replace(config, out=str(moved)))
     assert before == {s: (moved / f"seed-{s}" / "stages.json").read_text() for s in (3, 4)}
     assert "| seed 3 | seed 4 |" in (moved / "report.md").read_text()
+    # a changed setting reruns its stage and every stage after it, and reuses those before it
+    folder = moved / "seed-3"
+    earlier = json.loads(before[3])
+    sft_config = folder / earlier["sft"] / "config.json"
+    sft_written = sft_config.stat().st_mtime_ns
+    run_experiment(replace(config, out=str(moved), seeds=[3], rm_steps=3))
+    later = json.loads((folder / "stages.json").read_text())
+    for name in ("data", "sft", "alpha"):
+        assert later[name] == earlier[name]
+        assert later["_seconds"][name] == earlier["_seconds"][name]
+        assert later["_settings"][name] == earlier["_settings"][name]
+    assert sft_config.stat().st_mtime_ns == sft_written
+    assert earlier["_settings"]["rm"]["settings"]["rm_steps"] == 2
+    assert later["_settings"]["rm"]["settings"]["rm_steps"] == 3
+    for name in ("rm", "rl-kl", "rl-cpm", "eval-sft", "eval-cpm"):
+        assert later["_settings"][name]["fingerprint"] != earlier["_settings"][name]["fingerprint"]
+    log = (folder / "log.txt").read_text()
+    assert "rm: settings changed since it ran: rm_steps 2 → 3; running it again" in log
+    assert "rl-cpm: an earlier stage it reads ran again; running it again" in log
+    assert not any(f"seed-3: {name}:" in log for name in ("data", "sft", "alpha"))
+    # a folder without records (written before they were kept) is reused as it is
+    unrecorded = {k: v for k, v in later.items() if k != "_settings"}
+    (folder / "stages.json").write_text(json.dumps(unrecorded))
+    run_experiment(replace(config, out=str(moved), seeds=[3], rm_steps=4))
+    assert json.loads((folder / "stages.json").read_text()) == unrecorded
 
 
 def test_cli_help_lists_every_option():

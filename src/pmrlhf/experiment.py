@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
@@ -238,22 +239,50 @@ def chat_world(world_file: str, tokenizer, system_prompt: str):
 # --------------------------------------------------------------------------- stages
 class _Stages:
     """Runs named stages once: a stage's result is kept in ``stages.json`` when it finishes, and
-    a later run of the same folder reuses it. ``progress.json`` says which stage is running."""
+    a later run of the same folder reuses it. ``progress.json`` says which stage is running.
+
+    Each stage also records the settings it ran with, and the fingerprints of the stages whose
+    output it reads. A later run whose settings differ, or whose earlier stage ran again, runs
+    the stage again instead of reusing it, so ``--rm-steps 120`` on a finished folder retrains
+    the reward model and everything after it, and keeps the data, SFT model and α. A finished
+    stage with no record (a folder from before records were kept) is reused as it is.
+    """
 
     def __init__(self, out: Path, names: list[str]) -> None:
         self.out = out
         self.names = names
         self.path = out / "stages.json"
         self.done: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.fingerprints: dict[str, str] = {}
 
-    def run(self, name: str, work: Callable[[], Any]) -> Any:
+    def run(
+        self,
+        name: str,
+        work: Callable[[], Any],
+        settings: dict[str, Any] | None = None,
+        after: tuple[str, ...] = (),
+    ) -> Any:
+        settings = settings or {}
+        fingerprint = hashlib.sha256(json.dumps(
+            {"settings": settings, "after": [self.fingerprints[a] for a in after]},
+            sort_keys=True, default=str,
+        ).encode()).hexdigest()[:16]  # fmt: skip
+        self.fingerprints[name] = fingerprint
+        record = self.done.get("_settings", {}).get(name)
         if name in self.done:
-            return self.done[name]
+            if record is None or record["fingerprint"] == fingerprint:
+                return self.done[name]
+            print(f"{self.out.name}: {name}: {_why_rerun(record['settings'], settings)}; "
+                  "running it again", file=sys.stderr, flush=True)  # fmt: skip
         self._progress(name)
         start = time.perf_counter()
         result = work()
         self.done[name] = result
         self.done.setdefault("_seconds", {})[name] = round(time.perf_counter() - start, 1)
+        self.done.setdefault("_settings", {})[name] = {
+            "settings": settings,
+            "fingerprint": fingerprint,
+        }
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.done, indent=2))
         os.replace(tmp, self.path)
@@ -267,6 +296,32 @@ class _Stages:
         (self.out / "progress.json").write_text(
             json.dumps({"stage": stage, "finished": finished, "total": len(self.names)})
         )
+
+
+def _fields(config: ExperimentConfig, *names: str) -> dict[str, Any]:
+    """The named settings of ``config``: what a stage records to know when it must run again."""
+    return {name: getattr(config, name) for name in names}
+
+
+def _regularizer_settings(
+    config: ExperimentConfig, method: str, cpm_alpha: float
+) -> dict[str, Any]:
+    """An RL run's regulariser, β and (for cpm) α, which its training and its evaluation read."""
+    if method not in RL_RUNS:
+        return {}
+    run_spec = RL_RUNS[method]
+    settings = {"regularizer": run_spec.regularizer, "beta": getattr(config, run_spec.beta_field)}
+    if run_spec.regularizer == "cpm":
+        settings["alpha"] = cpm_alpha
+    return settings
+
+
+def _why_rerun(before: dict[str, Any], now: dict[str, Any]) -> str:
+    """Which settings of a finished stage changed, for the message that reruns it."""
+    changed = [f"{k} {before.get(k)!r} → {now.get(k)!r}" for k in sorted({*before, *now})
+               if before.get(k) != now.get(k)]  # fmt: skip
+    return ("settings changed since it ran: " + ", ".join(changed) if changed
+            else "an earlier stage it reads ran again")  # fmt: skip
 
 
 def _stage_settings(seed: int, out: Path) -> dict[str, Any]:
@@ -300,7 +355,12 @@ def run_seed(config: ExperimentConfig, seed: int, base: str, out: Path) -> dict[
         return {name: os.path.relpath(path, out) for name, path in files.items()}
 
     # stages.json keeps paths relative to the seed folder, so a run folder can move and resume
-    files = {name: str(out / path) for name, path in stages.run("data", write_data).items()}
+    fields = functools.partial(_fields, config)
+    data_settings = fields("world", "system_prompt", "base", "n_sft", "n_rankings", "ranking_size")
+    files = {
+        name: str(out / path)
+        for name, path in stages.run("data", write_data, data_settings).items()
+    }
 
     def sft() -> str:
         from pmrlhf.sft import SFTConfig, train_sft
@@ -312,7 +372,8 @@ def run_seed(config: ExperimentConfig, seed: int, base: str, out: Path) -> dict[
         ))  # fmt: skip
         return os.path.relpath(result["model_dir"], out)
 
-    sft_dir = str(out / stages.run("sft", sft))
+    sft_settings = fields("base", "lora_r", "sft_steps", "sft_lr", "sft_batch_size")
+    sft_dir = str(out / stages.run("sft", sft, sft_settings, after=("data",)))
 
     device = torch.device("cpu")
     ref = load_causal_lm(sft_dir).eval()
@@ -328,7 +389,8 @@ def run_seed(config: ExperimentConfig, seed: int, base: str, out: Path) -> dict[
         (out / "alpha.json").write_text(json.dumps(report.to_dict(), indent=2))
         return {"recommended_alpha": report.recommended_alpha, "summary": report.summary}
 
-    alpha = stages.run("alpha", choose_alpha)
+    alpha_settings = fields("max_new_tokens", "alpha_samples_per_prompt")
+    alpha = stages.run("alpha", choose_alpha, alpha_settings, after=("sft",))
 
     def reward_model() -> dict[str, Any]:
         from pmrlhf.reward import RMConfig, train_reward_model
@@ -345,10 +407,13 @@ def run_seed(config: ExperimentConfig, seed: int, base: str, out: Path) -> dict[
         evaluation = {k: v for k, v in result.get("eval", {}).items() if isinstance(v, float)}
         return {"model_dir": os.path.relpath(result["model_dir"], out), "eval": evaluation}
 
-    rm = stages.run("rm", reward_model)
+    rm_settings = fields("off_world_share", "lora_r", "rm_steps", "rm_lr", "rm_batch_size")
+    rm = stages.run("rm", reward_model, rm_settings, after=("alpha",))
     rm_dir = str(out / rm["model_dir"])
     cpm_alpha = config.cpm_alpha or float(alpha["recommended_alpha"])
     reward_fn = ModelReward(rm_dir, device, torch.float32, batch_size=64)
+    rl_settings = fields("rl_algo", "rl_steps", "rl_lr", "rl_lr_schedule", "prompts_per_step",
+                         "samples_per_prompt", "max_new_tokens")  # fmt: skip
     for method in rl_methods:
         stages.run(
             f"rl-{method}",
@@ -364,9 +429,12 @@ def run_seed(config: ExperimentConfig, seed: int, base: str, out: Path) -> dict[
                 reward_fn,
                 cpm_alpha,
             ),
+            {**rl_settings, **_regularizer_settings(config, method, cpm_alpha)},
+            after=("rm",),
         )
 
     evaluated: dict[str, Any] = {}
+    eval_settings = fields("eval_samples", "max_new_tokens")
     for method in [m for m in METHODS if m in config.methods]:
         path = sft_dir if method == "sft" else str(out / method / "policy")
         evaluated[method] = stages.run(
@@ -374,6 +442,8 @@ def run_seed(config: ExperimentConfig, seed: int, base: str, out: Path) -> dict[
             functools.partial(
                 _evaluate, config, seed, world, tokenizer, ref, reward_fn, method, path, cpm_alpha
             ),
+            {**eval_settings, **_regularizer_settings(config, method, cpm_alpha)},
+            after=(f"rl-{method}",) if method in RL_RUNS else ("rm",),
         )
     histories = {m: read_jsonl(out / m / "metrics.jsonl") for m in rl_methods}
     (out / "histories.json").write_text(json.dumps(histories))
