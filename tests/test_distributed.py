@@ -368,13 +368,15 @@ def _train_args(kind: str, model: Path, data: Path, out: Path, batch_size: int) 
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("kind", ["sft", "rm"])
+@pytest.mark.parametrize("kind", ["sft", "rm", "rm-grouped"])
 def test_two_processes_match_one_process_on_the_same_global_batch(kind, tiny_model_dir, tmp_path):
     rows = SFT_ROWS if kind == "sft" else PAIR_ROWS
     data = _write_jsonl(tmp_path / "data.jsonl", rows * 2)  # 16 rows: 4 steps of 4
     two, one = tmp_path / "two", tmp_path / "one"
-    _run_two_processes(*_train_args(kind, tiny_model_dir, data, two, batch_size=2))
-    _run_in_process(*_train_args(kind, tiny_model_dir, data, one, batch_size=4))
+    # rm-grouped: the grouped order is drawn alike on both ranks, which take alternate batches
+    command, extra = ("rm", ["--group-by-prompt", "true"]) if kind == "rm-grouped" else (kind, [])
+    _run_two_processes(*_train_args(command, tiny_model_dir, data, two, batch_size=2), *extra)
+    _run_in_process(*_train_args(command, tiny_model_dir, data, one, batch_size=4), *extra)
 
     weights = "model/model.safetensors"
     moved = _moved(tiny_model_dir / "model.safetensors", one / weights)

@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 
 import pytest
+import yaml
 
 from pmrlhf.experiment import (
     TARGETS,
@@ -16,6 +17,7 @@ from pmrlhf.experiment import (
     cached_base_model,
     chat_world,
     check_targets,
+    reward_model_vs_truth,
     run_experiment,
 )
 
@@ -105,6 +107,21 @@ def test_config_errors_name_the_field():
         ExperimentConfig(rl_lr_schedule="step")
     with pytest.raises(ValueError, match=r"rl_algo must be one of .*'dpo'"):
         ExperimentConfig(rl_algo="dpo")
+    with pytest.raises(ValueError, match=r"rm_lr_schedule must be one of .*'step'"):
+        ExperimentConfig(rm_lr_schedule="step")
+    with pytest.raises(ValueError, match="methods: give at least one"):
+        ExperimentConfig(methods=[])
+
+
+def test_reward_model_against_the_hidden_shares():
+    rows = [
+        {"target": [0.5, 0.3, 0.2, 0.0], "truth": [0.55, 0.3, 0.15, 0.0]},  # TV 0.05, same top
+        {"target": [0.2, 0.5, 0.3, 0.0], "truth": [0.55, 0.3, 0.15, 0.0]},  # TV 0.35, wrong top
+    ]
+    summary = reward_model_vs_truth(rows)
+    assert summary["tv_mean"] == pytest.approx(0.2)
+    assert summary["tv_max"] == pytest.approx(0.35)
+    assert (summary["wrong_top_answers"], summary["prompts"]) == (1, 2)
 
 
 def test_two_seeds_end_to_end_in_parallel_then_resume(chat_model_dir, tmp_path):
@@ -114,7 +131,8 @@ def test_two_seeds_end_to_end_in_parallel_then_resume(chat_model_dir, tmp_path):
         out=str(out), base=str(chat_model_dir), system_prompt=SYSTEM, seeds=[3, 4], parallel=2,
         n_sft=64, n_rankings=64, sft_steps=3, sft_lr=1e-3, rm_steps=2, rl_steps=2,
         prompts_per_step=2, samples_per_prompt=2, max_new_tokens=6, eval_samples=2,
-        alpha_samples_per_prompt=1, quiet=True,
+        alpha_samples_per_prompt=1, quiet=True, rm_group_by_prompt=True, rm_batch_size=24,
+        rm_lr_schedule="linear",
     )  # fmt: skip
     summary = run_experiment(config)
     assert set(summary["seeds"]) == {3, 4}
@@ -149,7 +167,18 @@ def test_two_seeds_end_to_end_in_parallel_then_resume(chat_model_dir, tmp_path):
             assert {"mean_reward_valid", "mean_reward_invalid"} <= set(
                 metrics["methods"][method]["sampled"]
             )
+        # the reward model trained with the settings given: whole prompts' rankings, decaying rate
+        rm_config = yaml.safe_load((folder / "rm" / "config.yaml").read_text())
+        assert (rm_config["group_by_prompt"], rm_config["lr_schedule"]) == (True, "linear")
+        assert rm_config["batch_size"] == config.rm_batch_size == 24
+        against_truth = reward_model_vs_truth(metrics["per_prompt"]["cpm"])
+        assert metrics["reward_model_vs_truth"] == pytest.approx(against_truth)
+        assert against_truth["prompts"] == 6
         report = (folder / "report.md").read_text()
+        assert (
+            f"from the hidden shares on the held-out prompts (at most {against_truth['tv_max']:.3f})"
+            in report
+        )
         assert "reward, invalid − valid samples" in report
         assert "Which season is your favourite?" in report  # samples show the question
         assert (folder / "answer_distributions.png").stat().st_size > 0

@@ -13,7 +13,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import pmrlhf.reward
 from pmrlhf.cli import main
+from pmrlhf.data.formats import RankingRecord
 from pmrlhf.models import build_tiny_model, load_reward_model, load_tokenizer
 from pmrlhf.reward import (
     RMConfig,
@@ -21,10 +23,14 @@ from pmrlhf.reward import (
     evaluate_reward_model,
     ranking_loss,
     ranking_metrics,
+    rm_collate,
+    tokenize_rankings,
     train_reward_model,
 )
-from pmrlhf.score import score_texts
+from pmrlhf.runtime import read_jsonl
+from pmrlhf.score import reward_forward, reward_pad_id, score_texts
 from pmrlhf.theory import btl_log_likelihood, pl_log_likelihood
+from pmrlhf.training import GroupedRandomSampler
 
 PROMPT = "which snack is best ?"
 RESPONSES = [
@@ -44,27 +50,34 @@ def _plackett_luce_sample(rng: random.Random, items: list[int]) -> list[int]:
     return sorted(items, key=lambda i: -noisy[i])
 
 
-def _write_comparisons(path: Path, k: int, n: int, seed: int = 0) -> Path:
+def _write_comparisons(
+    path: Path, k: int, n: int, seed: int = 0, prompts: tuple[str, ...] = (PROMPT,)
+) -> Path:
     rng = random.Random(seed)
     with path.open("w") as f:
-        for _ in range(n):
+        for i in range(n):
             order = _plackett_luce_sample(rng, rng.sample(range(len(RESPONSES)), k))
             row: dict[str, object]
+            prompt = prompts[i % len(prompts)]
             if k == 2:
                 row = {
-                    "prompt": PROMPT,
+                    "prompt": prompt,
                     "chosen": RESPONSES[order[0]],
                     "rejected": RESPONSES[order[1]],
                 }
             else:
-                row = {"prompt": PROMPT, "responses": [RESPONSES[i] for i in order]}
+                row = {"prompt": prompt, "responses": [RESPONSES[i] for i in order]}
             f.write(json.dumps(row) + "\n")
     return path
 
 
+# wordings of one question: the same true rewards hold for each
+WORDINGS = (PROMPT, "which snack is the best ?", "which snack do you like best ?")
+
+
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("rm_base"), [PROMPT, *RESPONSES], seed=0)
+    return build_tiny_model(tmp_path_factory.mktemp("rm_base"), [*WORDINGS, *RESPONSES], seed=0)
 
 
 def _config(base: Path, data: Path, out: Path, **overrides) -> RMConfig:
@@ -157,6 +170,77 @@ def test_plackett_luce_reward_model_recovers_true_rewards(base_model, tmp_path):
     assert _pearson(rewards, torch.tensor(TRUE_REWARD)) > 0.95
 
 
+def test_rm_collate_scores_each_distinct_input_once(base_model):
+    tokenizer = load_tokenizer(base_model)
+    model = load_reward_model(base_model).eval()
+    records = [
+        RankingRecord(PROMPT, (RESPONSES[0], RESPONSES[1], RESPONSES[2])),
+        RankingRecord(PROMPT, (RESPONSES[2], RESPONSES[0])),
+        RankingRecord(WORDINGS[1], (RESPONSES[0], RESPONSES[2])),  # another prompt: new inputs
+    ]
+    examples = tokenize_rankings(tokenizer, records, max_length=64)
+    pad = reward_pad_id(model, tokenizer)
+    batch = rm_collate(examples, pad)
+    assert batch["input_ids"].shape[0] == 5  # 7 responses, 5 distinct (prompt, response) inputs
+    for b, example in enumerate(examples):
+        for k, ids in enumerate(example.responses):
+            row = batch["input_ids"][batch["index"][b, k]]
+            assert row[: len(ids)].tolist() == ids
+            assert int(batch["attention_mask"][batch["index"][b, k]].sum()) == len(ids)
+    assert batch["mask"].tolist() == [[True, True, True], [True, True, False], [True, True, False]]
+    # the same loss as scoring every ranking's responses on their own
+    with torch.no_grad():
+        flat = reward_forward(model, batch["input_ids"], batch["attention_mask"])
+        loss = ranking_loss(flat[batch["index"]].masked_fill(~batch["mask"], 0.0), batch["mask"])
+        alone = []
+        for record in records:
+            scores = score_texts(model, tokenizer, [record.prompt] * record.k, record.responses)
+            alone.append(-pl_log_likelihood(scores.double().unsqueeze(0)))
+    assert float(loss) == pytest.approx(float(torch.cat(alone).mean()), abs=1e-5)
+
+
+def test_grouped_order_keeps_each_group_together_and_follows_the_generator():
+    groups = ["a", "b", "a", "c", "b", "a", "c", "c", "a"]
+    first = list(GroupedRandomSampler(groups, torch.Generator().manual_seed(3)))
+    assert sorted(first) == list(range(len(groups)))
+    runs = [groups[i] for n, i in enumerate(first) if n == 0 or groups[first[n - 1]] != groups[i]]
+    assert sorted(runs) == ["a", "b", "c"]  # each group is one run of consecutive indices
+    assert first == list(GroupedRandomSampler(groups, torch.Generator().manual_seed(3)))
+    generator = torch.Generator().manual_seed(3)
+    sampler = GroupedRandomSampler(groups, generator)
+    orders = {tuple(sampler) for _ in range(20)}  # each pass draws a new order from the generator
+    assert len(orders) > 5
+    assert all(sorted(o) == list(range(len(groups))) for o in orders)
+
+
+def test_prompt_grouped_batches_fit_the_rewards_of_several_prompts(
+    base_model, tmp_path, monkeypatch
+):
+    data = _write_comparisons(tmp_path / "rankings.jsonl", k=3, n=450, seed=2, prompts=WORDINGS)
+    rows: list[int] = []
+
+    def counting_collate(examples, pad_id):
+        batch = rm_collate(examples, pad_id)
+        rows.append(batch["input_ids"].shape[0])
+        return batch
+
+    monkeypatch.setattr(pmrlhf.reward, "rm_collate", counting_collate)
+    config = _config(
+        base_model, data, tmp_path / "run", group_by_prompt=True, batch_size=75, eval_before=False
+    )
+    result = train_reward_model(config)
+    lines = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert len(lines) == 4 * 6  # 405 training rankings in batches of 75: 6 per epoch
+    # each prompt has 135 rankings, so a batch of 75 spans at most two prompts: at most 12
+    # distinct inputs, where 75 rankings drawn at random would hold all 18
+    assert len(rows) > 24 and max(rows[:24]) <= 12
+    model = load_reward_model(result["model_dir"])
+    tokenizer = load_tokenizer(result["model_dir"])
+    for prompt in WORDINGS:
+        rewards = score_texts(model, tokenizer, [prompt] * len(RESPONSES), RESPONSES)
+        assert _pearson(rewards, torch.tensor(TRUE_REWARD)) > 0.95
+
+
 def test_run_folder_has_metrics_eval_and_checkpoints(base_model, tmp_path):
     data = _write_comparisons(tmp_path / "pairs.jsonl", k=2, n=120)
     out = tmp_path / "run"
@@ -227,7 +311,14 @@ def test_help_documents_every_option(capsys):
     with pytest.raises(SystemExit):
         main(["rm", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--loss", "--calibration-bins", "--lora-r", "--save-every", "--max-steps"):
+    for flag in (
+        "--loss",
+        "--calibration-bins",
+        "--lora-r",
+        "--save-every",
+        "--max-steps",
+        "--group-by-prompt",
+    ):
         assert flag in text
     assert "Plackett-Luce" in text
 

@@ -57,6 +57,21 @@ def rm_setup(tmp_path_factory) -> tuple[Path, Path]:
     return base, folder / "rankings.jsonl"
 
 
+@pytest.fixture(scope="module")
+def grouped_rm_setup(tmp_path_factory) -> tuple[Path, Path]:
+    """Rankings of the snacks under three wordings of the question."""
+    folder = tmp_path_factory.mktemp("rm_grouped")
+    questions = [QUESTION, "which snack is the best ?", "which snack do you like ?"]
+    base = build_tiny_model(folder / "base", [*questions, *SNACKS], seed=0)
+    rng = random.Random(1)
+    with (folder / "rankings.jsonl").open("w") as f:
+        for i in range(60):
+            order = rng.sample(range(len(SNACKS)), 3)
+            row = {"prompt": questions[i % 3], "responses": [SNACKS[i] for i in sorted(order)]}
+            f.write(json.dumps(row) + "\n")
+    return base, folder / "rankings.jsonl"
+
+
 def _sft_config(base: Path, data: Path, out: Path, **overrides: Any) -> SFTConfig:
     values: dict[str, Any] = dict(
         model=str(base), data=str(data), output_dir=str(out), lr=3e-3, batch_size=8,
@@ -169,13 +184,24 @@ def test_sft_resume_after_crash_matches_uninterrupted_run(sft_setup, tmp_path, m
     )
 
 
-def test_lora_rm_resume_after_crash_matches_uninterrupted_run(rm_setup, tmp_path, monkeypatch):
-    base, data = rm_setup
-    # 58 training rankings in 8 batches per epoch, 16 steps; LoRA dropout draws from the RNG.
-    # The step-9 checkpoint lies 1 batch into the second epoch; the crash hits step 12.
-    overrides = dict(
-        epochs=2, save_every=9, lora=True, lora_r=4, lora_dropout=0.2, weight_decay=0.1
-    )
+# lora: 58 training rankings in 8 batches per epoch, 16 steps; LoRA dropout draws from the RNG.
+# The step-9 checkpoint lies 1 batch into the second epoch; the crash hits step 12.
+# grouped: 54 training rankings of 3 prompts in batches of 12, 5 per epoch, 10 steps, in the
+# grouped sampler's order; the step-7 checkpoint lies 2 batches into epoch 2.
+@pytest.mark.parametrize(
+    ("setup", "overrides", "crash_call", "resumed_step"),
+    [
+        ("rm_setup", dict(epochs=2, save_every=9, lora=True, lora_r=4, lora_dropout=0.2,
+                          weight_decay=0.1), 12, 9),
+        ("grouped_rm_setup", dict(epochs=2, batch_size=12, save_every=7, group_by_prompt=True),
+         9, 7),
+    ],
+    ids=["lora", "grouped-by-prompt"],
+)  # fmt: skip
+def test_rm_resume_after_crash_matches_uninterrupted_run(
+    setup, overrides, crash_call, resumed_step, request, tmp_path, monkeypatch
+):
+    base, data = request.getfixturevalue(setup)
     _crash_and_resume(
         monkeypatch,
         pmrlhf.reward,
@@ -183,8 +209,8 @@ def test_lora_rm_resume_after_crash_matches_uninterrupted_run(rm_setup, tmp_path
         train_reward_model,
         lambda out: _rm_config(base, data, out, **overrides),
         tmp_path,
-        crash_call=12,
-        resumed_step=9,
+        crash_call=crash_call,
+        resumed_step=resumed_step,
     )
 
 

@@ -57,6 +57,7 @@ __all__ = [
     "add_arguments",
     "cached_base_model",
     "chat_world",
+    "reward_model_vs_truth",
     "run",
     "run_experiment",
     "run_seed",
@@ -121,8 +122,21 @@ class ExperimentConfig:
     sft_lr: float = option(5e-4, help="SFT learning rate (LoRA)")
     sft_batch_size: int = option(8, help="SFT examples per step")
     rm_steps: int = option(60, help="reward-model optimizer steps")
-    rm_lr: float = option(5e-4, help="reward-model learning rate (LoRA and value head)")
+    rm_lr: float = option(5e-4, help="reward-model peak learning rate (LoRA and value head)")
+    rm_lr_schedule: str = option(
+        "constant",
+        help="reward-model learning-rate schedule (with --rm-group-by-prompt, a decaying one: a "
+        "constant rate leaves the model tilted toward the prompts of its last steps)",
+        choices=LR_SCHEDULES,
+    )
     rm_batch_size: int = option(8, help="rankings per reward-model step")
+    rm_group_by_prompt: bool = option(
+        False,
+        help="batch the rankings a prompt at a time (pmrlhf rm --group-by-prompt): the world "
+        "has few prompts with many rankings each, so a step of many rankings costs about its "
+        "distinct responses (docs/results/smollm2.md, 'What was tried': 96 rankings a step, lr "
+        "2e-3 decaying linearly)",
+    )
     # RL (full fine-tuning)
     rl_algo: str = option("rloo", help="RL algorithm of every run", choices=ADVANTAGE_ESTIMATORS)
     rl_steps: int = option(80, help="RL steps per run (the same for every run)")
@@ -158,6 +172,8 @@ class ExperimentConfig:
         for method in self.methods:
             if method not in METHODS:
                 raise ValueError(f"methods: unknown {method!r}; choose from {list(METHODS)}")
+        if not self.methods:
+            raise ValueError(f"methods: give at least one of {list(METHODS)}")
         if not self.seeds:
             raise ValueError("seeds: give at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
@@ -179,7 +195,8 @@ class ExperimentConfig:
         if not 0 <= self.cpm_alpha < 1:
             raise ValueError(f"cpm_alpha must be in [0, 1), got {self.cpm_alpha}")
         # checked here, not only when the RL stage builds its config after SFT and the reward model
-        for name, choices in (("rl_algo", ADVANTAGE_ESTIMATORS), ("rl_lr_schedule", LR_SCHEDULES)):
+        for name, choices in (("rl_algo", ADVANTAGE_ESTIMATORS), ("rl_lr_schedule", LR_SCHEDULES),
+                              ("rm_lr_schedule", LR_SCHEDULES)):  # fmt: skip
             if getattr(self, name) not in choices:
                 raise ValueError(
                     f"{name} must be one of {list(choices)}, got {getattr(self, name)!r}"
@@ -405,13 +422,15 @@ def run_seed(config: ExperimentConfig, seed: int, base: str, out: Path) -> dict[
                                             config.off_world_share, seed)  # fmt: skip
         result = train_reward_model(RMConfig(
             model=sft_dir, data=rankings, max_steps=config.rm_steps, lr=config.rm_lr,
-            batch_size=config.rm_batch_size, lora_r=config.lora_r, eval_fraction=0.05,
-            quiet=config.quiet, **_stage_settings(seed, out / "rm"),
+            batch_size=config.rm_batch_size, group_by_prompt=config.rm_group_by_prompt,
+            lora_r=config.lora_r, eval_fraction=0.05, quiet=config.quiet,
+            **{**_stage_settings(seed, out / "rm"), "lr_schedule": config.rm_lr_schedule},
         ))  # fmt: skip
         evaluation = {k: v for k, v in result.get("eval", {}).items() if isinstance(v, float)}
         return {"model_dir": os.path.relpath(result["model_dir"], out), "eval": evaluation}
 
-    rm_settings = fields("off_world_share", "lora_r", "rm_steps", "rm_lr", "rm_batch_size")
+    rm_settings = fields("off_world_share", "lora_r", "rm_steps", "rm_lr", "rm_lr_schedule",
+                         "rm_batch_size", "rm_group_by_prompt")  # fmt: skip
     rm = stages.run("rm", reward_model, rm_settings, after=("alpha",))
     rm_dir = str(out / rm["model_dir"])
     cpm_alpha = config.cpm_alpha or float(alpha["recommended_alpha"])
@@ -464,6 +483,10 @@ def run_seed(config: ExperimentConfig, seed: int, base: str, out: Path) -> dict[
         "cpm_alpha": cpm_alpha,
         "alpha": alpha,
         "reward_model_eval": rm["eval"],
+        # softmax(r) is the same in every policy's rows; the first evaluated policy's will do
+        "reward_model_vs_truth": reward_model_vs_truth(
+            next(iter(evaluation["per_prompt"].values()))
+        ),
         **evaluation,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -660,6 +683,29 @@ def check_targets(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def reward_model_vs_truth(rows: list[dict[str, Any]]) -> dict[str, float | int]:
+    """How far the reward model's softmax(r) is from the hidden shares on the held-out prompts:
+    the mean and largest TV over the answers, and on how many prompts the two disagree on the
+    top answer. ``rows``: one policy's ``per_prompt`` rows (the target is the same for all)."""
+    tvs, wrong = [], 0
+    for row in rows:
+        target, truth = row["target"], row["truth"]  # each ends with "invalid", 0 in both
+        tvs.append(0.5 * sum(abs(a - b) for a, b in zip(target, truth, strict=True)))
+        wrong += int(np.argmax(target)) != int(np.argmax(truth))
+    return {"tv_mean": float(np.mean(tvs)), "tv_max": max(tvs), "wrong_top_answers": wrong,
+            "prompts": len(rows)}  # fmt: skip
+
+
+def _reward_model_line(metrics: dict[str, Any]) -> str:
+    rm, truth = metrics["reward_model_eval"], metrics["reward_model_vs_truth"]
+    return (
+        f"Reward model: pairwise accuracy {rm['pairwise_accuracy']:.3f} on its held-out rankings; "
+        f"its softmax(r) is {truth['tv_mean']:.3f} in TV from the hidden shares on the held-out "
+        f"prompts (at most {truth['tv_max']:.3f}), with the top answer wrong on "
+        f"{truth['wrong_top_answers']} of {truth['prompts']}."
+    )
+
+
 def _question(prompt: str, questions: dict[str, str]) -> str:
     return questions.get(prompt, prompt)
 
@@ -714,6 +760,8 @@ def _write_seed_report(config, out: Path, metrics: dict[str, Any], questions) ->
         f"# SmolLM2 experiment, seed {metrics['seed']}",
         "",
         f"cpm α = {metrics['cpm_alpha']:.4g}. {metrics['alpha']['summary']}",
+        "",
+        _reward_model_line(metrics),
         "",
         "Distribution metrics are exact (teacher forcing over every valid answer, the rest is "
         '"invalid"); PMD, reward and KL come from samples on the held-out prompts.',
@@ -820,7 +868,8 @@ def _write_summary(config, out: Path, per_seed: list[dict[str, Any]], seconds: f
         "threads_per_seed": config.threads,
         "config": to_dict(config),
         "targets": worst,
-        "seeds": {m["seed"]: {k: m[k] for k in ("methods", "cpm_alpha", "seconds", "reward_model_eval")}
+        "seeds": {m["seed"]: {k: m[k] for k in ("methods", "cpm_alpha", "seconds", "reward_model_eval",
+                                                "reward_model_vs_truth")}
                   for m in per_seed},
     }  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
@@ -841,7 +890,7 @@ def _write_summary(config, out: Path, per_seed: list[dict[str, Any]], seconds: f
     ]  # fmt: skip
     for m in per_seed:
         lines += [f"## Seed {m['seed']} ([report](seed-{m['seed']}/report.md))", "",
-                  _method_table(m), ""]  # fmt: skip
+                  _reward_model_line(m), "", _method_table(m), ""]  # fmt: skip
     (out / "report.md").write_text("\n".join(lines))
     if not config.quiet:
         print("\n".join(lines[: 6 + len(worst)]))

@@ -71,6 +71,12 @@ class RMConfig(TrainConfig):
     calibration_bins: int = option(
         10, help="bins of predicted σ(Δr) in the evaluation's calibration table"
     )
+    group_by_prompt: bool = option(
+        False,
+        help="shuffle the rankings a prompt at a time, so that a batch holds all rankings of "
+        "few prompts; each distinct response is scored once per batch, so where prompts have "
+        "many rankings a large batch costs about its distinct responses",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -195,24 +201,24 @@ def tokenize_rankings(
 
 
 def rm_collate(examples: list[RankingExample], pad_id: int) -> dict[str, Tensor]:
-    """All responses of the batch in one right-padded tensor, plus where each ranking's are.
+    """The batch's distinct reward inputs in one right-padded tensor, and where each ranking's
+    responses are among them.
 
     ``index[b, k]`` is the row of ranking ``b``'s k-th best response; ``mask`` marks real
-    entries of rankings shorter than the longest one.
+    entries of rankings shorter than the longest one. A reward input that several rankings
+    share (the same response to the same prompt) is one row, scored once.
     """
     from pmrlhf.data.text import pad_right
 
-    flat = [ids for e in examples for ids in e.responses]
-    input_ids, attention_mask = pad_right(flat, pad_id)
+    rows: dict[tuple[int, ...], int] = {}
     width = max(len(e.responses) for e in examples)
     index = torch.zeros((len(examples), width), dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.bool)
-    row = 0
     for b, example in enumerate(examples):
-        k = len(example.responses)
-        index[b, :k] = torch.arange(row, row + k)
-        mask[b, :k] = True
-        row += k
+        for k, ids in enumerate(example.responses):
+            index[b, k] = rows.setdefault(tuple(ids), len(rows))
+        mask[b, : len(example.responses)] = True
+    input_ids, attention_mask = pad_right([list(ids) for ids in rows], pad_id)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "index": index, "mask": mask}
 
 
@@ -335,6 +341,7 @@ def train_reward_model(
             evaluate=evaluate,
             name="rm",
             resume=checkpoint,
+            groups=[r.prompt for r in data.train] if config.group_by_prompt else None,
         )
     if not config.quiet and accelerator.is_main_process:
         print(_summary(result))

@@ -22,7 +22,7 @@ import math
 import numbers
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +54,7 @@ from pmrlhf.runtime import (
 __all__ = [
     "CHECKPOINT_DIR",
     "Checkpoint",
+    "GroupedRandomSampler",
     "NonFiniteError",
     "RunStart",
     "TrainConfig",
@@ -573,6 +574,36 @@ def _gradient_norm(accelerator: Any, model: Any, max_grad_norm: float) -> float 
     return None if norm is None else float(norm)
 
 
+class GroupedRandomSampler(torch.utils.data.Sampler[int]):
+    """A random order of example indices that keeps each group's examples together.
+
+    Each pass puts the groups in a random order and shuffles the examples within each group,
+    both drawn from ``generator``, so a run resumed from the generator's state at the start of
+    an epoch sees the same order. Cut into batches, the order puts the examples of a group in
+    as few batches as it can: with a collate that computes each distinct input once
+    (:func:`pmrlhf.reward.rm_collate`), the rankings of one prompt share the forward passes of
+    their responses.
+    """
+
+    def __init__(self, groups: Sequence[Hashable], generator: torch.Generator) -> None:
+        members: dict[Hashable, list[int]] = {}
+        for index, group in enumerate(groups):
+            members.setdefault(group, []).append(index)
+        self.members = list(members.values())
+        # accelerate finds a sampler's generator and keeps it in step across processes
+        self.generator = generator
+        self.size = len(groups)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        for g in torch.randperm(len(self.members), generator=self.generator).tolist():
+            group = self.members[g]
+            for i in torch.randperm(len(group), generator=self.generator).tolist():
+                yield group[i]
+
+
 @dataclass
 class _Loop:
     """What :func:`train_loop` trains with, prepared by accelerate."""
@@ -592,17 +623,23 @@ def _prepare_loop(
     model: Any,
     train_examples: Sequence[Any],
     collate: Callable[[list[Any]], dict[str, torch.Tensor]],
+    groups: Sequence[Hashable] | None = None,
 ) -> _Loop:
-    """The shuffled loader, AdamW and lr schedule, prepared with the model."""
+    """The shuffled loader (grouped by ``groups`` when given: :class:`GroupedRandomSampler`),
+    AdamW and lr schedule, prepared with the model."""
     from torch.utils.data import DataLoader
 
     generator = torch.Generator().manual_seed(config.seed)
+    order: dict[str, Any] = {"shuffle": True, "generator": generator}
+    if groups is not None:
+        if len(groups) != len(train_examples):
+            raise ValueError(f"{len(groups)} groups for {len(train_examples)} training examples")
+        order = {"sampler": GroupedRandomSampler(groups, generator)}
     loader: Any = DataLoader(
         list(train_examples),  # type: ignore[arg-type]  # a list is a map-style dataset
         batch_size=config.batch_size,
-        shuffle=True,
         collate_fn=collate,
-        generator=generator,
+        **order,
     )
     adamw = build_optimizer([(model.parameters(), config.lr)], config.weight_decay)
     model, optimizer, loader = accelerator.prepare(model, adamw, loader)
@@ -663,6 +700,7 @@ def train_loop(
     logger: JsonlLogger,
     name: str,
     resume: Checkpoint | None = None,
+    groups: Sequence[Hashable] | None = None,
 ) -> tuple[Any, LoopResult]:
     """Train ``model`` on ``train_examples``; returns the prepared model and a summary.
 
@@ -673,11 +711,14 @@ def train_loop(
     data order is the shuffling generator's state at the start of the checkpoint's epoch, and
     the micro-batches of that epoch already trained on are skipped.
 
+    ``groups`` (one key per training example) keeps the examples of a key together in the
+    shuffled order (:class:`GroupedRandomSampler`); without it the order is uniformly random.
+
     A non-finite loss or gradient norm raises :class:`NonFiniteError` before the update.
     """
     from tqdm.auto import tqdm
 
-    loop = _prepare_loop(config, accelerator, model, train_examples, collate)
+    loop = _prepare_loop(config, accelerator, model, train_examples, collate, groups)
     model, optimizer, loader, scheduler, generator = (
         loop.model, loop.optimizer, loop.loader, loop.scheduler, loop.generator
     )  # fmt: skip
@@ -798,6 +839,7 @@ def fit_and_save(
     evaluate: Callable[[Any, Any], dict[str, Any]],
     name: str,
     resume: Checkpoint | None = None,
+    groups: Sequence[Hashable] | None = None,
 ) -> dict[str, Any]:
     """Evaluate, train, evaluate again, save; returns the run's result dict.
 
@@ -805,6 +847,7 @@ def fit_and_save(
     must gather across processes itself; it is skipped when there is nothing to evaluate.
     ``resume`` (see :func:`read_checkpoint`) continues an interrupted run exactly; its
     ``metrics.jsonl`` keeps the lines up to the checkpoint's step and continues from there.
+    ``groups``: see :func:`train_loop`.
     """
     from torch.utils.data import DataLoader
 
@@ -864,6 +907,7 @@ def fit_and_save(
                 logger=logger,
                 name=name,
                 resume=resume,
+                groups=groups,
             )
         finally:
             logger.close()
