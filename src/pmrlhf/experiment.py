@@ -345,9 +345,9 @@ def _why_rerun(before: dict[str, Any], now: dict[str, Any]) -> str:
             else "an earlier stage it reads ran again")  # fmt: skip
 
 
-def _stage_settings(seed: int, out: Path) -> dict[str, Any]:
+def _stage_settings(seed: int, out: Path, lr_schedule: str = "constant") -> dict[str, Any]:
     return dict(output_dir=str(out), max_length=96, seed=seed, eval_before=False,
-                dtype="fp32", overwrite=True, lr_schedule="constant", lora=True,
+                dtype="fp32", overwrite=True, lr_schedule=lr_schedule, lora=True,
                 merge_lora=True)  # fmt: skip
 
 
@@ -424,7 +424,7 @@ def run_seed(config: ExperimentConfig, seed: int, base: str, out: Path) -> dict[
             model=sft_dir, data=rankings, max_steps=config.rm_steps, lr=config.rm_lr,
             batch_size=config.rm_batch_size, group_by_prompt=config.rm_group_by_prompt,
             lora_r=config.lora_r, eval_fraction=0.05, quiet=config.quiet,
-            **{**_stage_settings(seed, out / "rm"), "lr_schedule": config.rm_lr_schedule},
+            **_stage_settings(seed, out / "rm", config.rm_lr_schedule),
         ))  # fmt: skip
         evaluation = {k: v for k, v in result.get("eval", {}).items() if isinstance(v, float)}
         return {"model_dir": os.path.relpath(result["model_dir"], out), "eval": evaluation}
@@ -687,11 +687,15 @@ def reward_model_vs_truth(rows: list[dict[str, Any]]) -> dict[str, float | int]:
     """How far the reward model's softmax(r) is from the hidden shares on the held-out prompts:
     the mean and largest TV over the answers, and on how many prompts the two disagree on the
     top answer. ``rows``: one policy's ``per_prompt`` rows (the target is the same for all)."""
+    from pmrlhf.metrics import total_variation
+
     tvs, wrong = [], 0
     for row in rows:
-        target, truth = row["target"], row["truth"]  # each ends with "invalid", 0 in both
-        tvs.append(0.5 * sum(abs(a - b) for a, b in zip(target, truth, strict=True)))
-        wrong += int(np.argmax(target)) != int(np.argmax(truth))
+        # each ends with "invalid", 0 in both; families may differ in their number of answers
+        target = torch.tensor(row["target"], dtype=torch.float64)
+        truth = torch.tensor(row["truth"], dtype=torch.float64)
+        tvs.append(float(total_variation(target, truth)))
+        wrong += int(target.argmax()) != int(truth.argmax())
     return {"tv_mean": float(np.mean(tvs)), "tv_max": max(tvs), "wrong_top_answers": wrong,
             "prompts": len(rows)}  # fmt: skip
 
