@@ -203,3 +203,25 @@ def test_a_reward_model_that_outputs_nan_is_stopped(tiny_model_dir, tmp_path):
     # wrapped again (as the trainer and evaluation do), the check still holds
     with pytest.raises(RewardError, match=r"non-finite"):
         CallableReward(reward)(["Which drink do you prefer ?"], ["I prefer tea ."])
+
+
+def test_a_reward_model_scores_each_distinct_pair_once(tiny_model_dir, tmp_path):
+    from pmrlhf.models import load_reward_model, load_tokenizer
+
+    load_reward_model(str(tiny_model_dir)).save_pretrained(tmp_path / "rm")
+    load_tokenizer(str(tiny_model_dir)).save_pretrained(tmp_path / "rm")
+    reward = ModelReward(str(tmp_path / "rm"), torch.device("cpu"), torch.float32)
+    scored: list[int] = []
+    reward.model.register_forward_pre_hook(
+        lambda _module, args, kwargs: scored.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    drink, season = "Which drink do you prefer ?", "Which season do you like best ?"
+    prompts = [drink, drink, season, drink, season]
+    completions = ["I prefer tea .", "I prefer water .", "I prefer tea .", "I prefer tea .",
+                   "I prefer tea ."]  # fmt: skip
+    together = reward(prompts, completions)
+    assert scored == [3]  # (drink, tea), (drink, water), (season, tea)
+    alone = torch.cat([reward([p], [c]) for p, c in zip(prompts, completions, strict=True)])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+    assert together[0] == together[3] and together[2] == together[4]
+    assert not torch.isclose(together[0], together[2])  # the prompt is part of the input

@@ -62,6 +62,7 @@ def test_every_algorithm_and_regularizer_trains(tiny_model_dir, tmp_path, algo, 
         assert math.isfinite(row["policy_loss"])
         assert math.isfinite(row["reward_mean"]) and math.isfinite(row["penalty_mean"])
         assert row["samples_per_second"] > 0 and row["response_length"] >= 1
+        assert 0 < row["distinct_responses"] <= 1
         assert ("kl_to_ref" in row) == (regularizer != "pm")
         assert ("value_loss" in row) == (algo == "ppo")
         # every phase of the step is timed, and only phases that ran are logged
@@ -410,3 +411,78 @@ def test_cpm_rloo_on_the_real_smollm2_model(tmp_path):
     assert all(math.isfinite(r["policy_loss"]) and math.isfinite(r["kl_to_ref"]) for r in rows)
     reloaded = models.load_causal_lm(str(tmp_path / "policy"))
     torch.testing.assert_close(flat_params(reloaded), flat_params(trainer.policy))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(algo="rloo", regularizer="cpm", alpha=0.2),
+        dict(algo="ppo", regularizer="kl", ppo_epochs=2, minibatches=2),
+        dict(algo="grpo", regularizer="kl", penalty_estimator="full"),
+    ],
+    ids=["rloo-cpm-one-pass", "ppo-critic-minibatches", "full-penalty"],
+)
+def test_scoring_each_distinct_response_once_changes_nothing_but_the_work(
+    tiny_model_dir, tmp_path, settings
+):
+    """Responses of at most two tokens over three allowed tokens (seven possible per prompt),
+    eight per prompt: repeats are certain. Scored once or one row at a time, a step gives the
+    same experience and the same gradients; the deduplicated policy forward is smaller."""
+    tokenizer = models.load_tokenizer(str(tiny_model_dir))
+    allowed = tokenizer.convert_tokens_to_ids(["tea", "coffee", tokenizer.eos_token])
+
+    def one_step(once: bool):
+        """The step's experience, each optimizer step's policy gradient, and the row counts
+        of the policy's forwards after sampling."""
+        config = make_config(tiny_model_dir, tmp_path / str(once), max_new_tokens=2,
+                             samples_per_prompt=8, score_distinct_once=once, **settings)  # fmt: skip
+        trainer = RLTrainer(config, prompts=PROMPTS, allowed_token_ids=allowed)
+        rows: list[int] = []
+        trainer.policy.register_forward_pre_hook(
+            lambda _m, _a, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+        )
+        gradients: list[torch.Tensor] = []
+        trainer._optimizers()[0].optimizer.register_step_pre_hook(
+            lambda *_: gradients.append(
+                torch.cat([p.grad.flatten() for p in trainer.policy.parameters()])
+            )
+        )
+        torch.manual_seed(1)
+        experience = trainer.make_experience([p for p in PROMPTS for _ in range(8)])
+        sampling_rows = len(rows)  # the hook also sees the decoder's forwards
+        trainer.update(experience)
+        return experience, gradients, rows[sampling_rows - 1 :]
+
+    runs = {once: one_step(once) for once in (True, False)}
+    (deduped, grads_once, rows_once), (plain, grads_plain, rows_plain) = runs[True], runs[False]
+    assert torch.equal(deduped.sequences, plain.sequences)
+    batch = plain.sequences.shape[0]
+    distinct = len({tuple(r) for r in plain.sequences.tolist()})
+    assert distinct < batch
+    for name in (
+        "reward",
+        "ref_logp",
+        "old_logp",
+        "penalty",
+        "advantages",
+        "old_values",
+        "returns",
+    ):
+        a, b = getattr(deduped, name), getattr(plain, name)
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=name)
+    # every optimizer step's policy gradient (later minibatches see weights that differ in
+    # rounding only: Adam's first steps amplify gradient rounding in near-zero elements)
+    assert (
+        len(grads_once)
+        == len(grads_plain)
+        == settings.get("ppo_epochs", 1) * settings.get("minibatches", 1)
+    )
+    for once, plain_grad in zip(grads_once, grads_plain, strict=True):
+        assert plain_grad.norm() > 0
+        assert (once - plain_grad).norm() <= 1e-5 * plain_grad.norm()
+    # the policy's scoring forwards (the experience's, then each minibatch's) ran on the
+    # distinct rows only; without deduplication on the whole batch and on its minibatches
+    assert max(rows_once) < batch and all(r <= distinct for r in rows_once)
+    assert set(rows_plain) == {batch, batch // settings.get("minibatches", 1)}

@@ -325,3 +325,20 @@ def test_rl_with_allowed_tokens_and_responses_of_different_lengths_stays_finite(
             assert math.isfinite(row[key]), (key, row)
     for param in trainer.policy.parameters():
         assert torch.isfinite(param).all()
+
+
+def test_distinct_rows_keep_first_appearances_in_order():
+    from pmrlhf.rl.rollout import distinct_rows
+
+    seq = torch.tensor([[5, 7, 2], [5, 8, 2], [5, 7, 2], [0, 7, 2], [5, 8, 2], [0, 7, 2]])
+    attn = torch.ones_like(seq)
+    attn[3, 0] = 0  # row 3 starts with padding that has a real token's id in row 5
+    rows = distinct_rows(seq, attn)
+    assert rows.index.tolist() == [0, 1, 3, 5]
+    assert rows.inverse.tolist() == [0, 1, 0, 2, 1, 3]
+    assert rows.count == 4
+    assert torch.equal(rows.take(seq[rows.index]), seq)
+    assert torch.equal(rows.take(attn[rows.index]), attn)
+    # nothing repeated: every row is its own
+    unique = distinct_rows(seq[:2], attn[:2])
+    assert unique.index.tolist() == [0, 1] and unique.inverse.tolist() == [0, 1]

@@ -157,6 +157,12 @@ class RLConfig(OptimConfig):
         help="HF generation cache of the hf decoder ('static' is fastest on GPU); default: static "
         "on CUDA, dynamic on CPU",
     )
+    score_distinct_once: bool = option(
+        True,
+        help="score each distinct (prompt, response) of a step once in the reference, policy and "
+        "critic forwards, and share its log-probs, values and gradient with its repeats (exact; "
+        "saves work when the policy repeats itself)",
+    )
     # optimisation (the shared fields lr, weight_decay, lr_schedule, warmup_steps,
     # max_grad_norm, seed and dtype come from OptimConfig)
     lr: float = option(1e-5, help="policy learning rate (peak, AdamW)")

@@ -20,6 +20,15 @@ class PolicyForward:
     #: (``penalty_estimator: full`` only; docs/method.md §8)
     state_penalty: Tensor | None = None
 
+    def take(self, rows: Tensor) -> PolicyForward:
+        """The forward of the rows ``rows`` (a gather, so gradients flow back through it)."""
+
+        def pick(value: Tensor | None) -> Tensor | None:
+            return value[rows] if value is not None else None
+
+        return PolicyForward(self.logp[rows], self.entropy[rows], pick(self.values),
+                             pick(self.state_penalty))  # fmt: skip
+
 
 @dataclass
 class Experience:

@@ -236,19 +236,24 @@ class ModelReward:
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> Tensor:
+        """One reward per completion; each distinct (prompt, completion) is scored once."""
         from pmrlhf.score import score_texts
 
+        pairs = list(zip(prompts, completions, strict=True))
+        distinct = list(dict.fromkeys(pairs))
+        position = {pair: i for i, pair in enumerate(distinct)}
         rewards = (
             score_texts(
                 self.model,
                 self.tokenizer,
-                list(prompts),
-                list(completions),
+                [prompt for prompt, _ in distinct],
+                [completion for _, completion in distinct],
                 batch_size=self.batch_size,
             )
             .float()
             .cpu()
         )
+        rewards = rewards[torch.tensor([position[pair] for pair in pairs], dtype=torch.long)]
         return check_finite_rewards(rewards, self.name, completions)
 
 

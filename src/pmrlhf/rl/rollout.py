@@ -34,6 +34,44 @@ class Rollout:
         return self.sequences[:, self.prompt_length :]
 
 
+@dataclass(frozen=True)
+class DistinctRows:
+    """The distinct sequences of a batch, for scoring each of them once.
+
+    A policy that repeats itself samples the same (prompt, response) many times; the rows of a
+    repeated sequence have the same log-probs, values and rewards, so a forward over
+    ``index`` followed by ``take`` gives every row its own result. Taking rows is a gather, so
+    the gradient through it is the sum over the repeats: the same gradient as scoring each row.
+    """
+
+    index: Tensor  # (U,) the first row of each distinct sequence, in order of first appearance
+    inverse: Tensor  # (B,) each row's position in ``index``
+
+    @property
+    def count(self) -> int:
+        return int(self.index.shape[0])
+
+    def take(self, values: Tensor) -> Tensor:
+        """Per-row values ``(B, …)`` from the distinct rows' ``(U, …)``."""
+        return values[self.inverse]
+
+
+def distinct_rows(sequences: Tensor, attention_mask: Tensor) -> DistinctRows:
+    """The distinct rows of ``[sequences | attention_mask]`` (the mask tells padding apart from
+    a real token with the pad id)."""
+    rows = torch.cat([sequences, attention_mask.to(sequences.dtype)], dim=1)
+    _, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    n = rows.shape[0]
+    positions = torch.arange(n, device=rows.device)
+    # the first row of each group, then the groups ordered by it
+    first = torch.full((int(inverse.max()) + 1,), n, device=rows.device, dtype=positions.dtype)
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin")
+    order = torch.argsort(first)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.shape[0], device=rows.device)
+    return DistinctRows(index=first[order], inverse=rank[inverse])
+
+
 def response_mask_from_ids(response_ids: Tensor, eos_token_ids: list[int]) -> Tensor:
     """1 for tokens up to and including the first EOS, 0 after it."""
     is_eos = torch.zeros_like(response_ids, dtype=torch.bool)

@@ -41,8 +41,10 @@ from pmrlhf.rl.losses import (
 )
 from pmrlhf.rl.rewards import CallableReward, RewardFn, is_model_reward, load_reward
 from pmrlhf.rl.rollout import (
+    DistinctRows,
     Rollout,
     ValueModel,
+    distinct_rows,
     generate,
     logprobs_from_logits,
     resolve_decoder,
@@ -321,8 +323,13 @@ class RLTrainer:
 
         With ``penalty_estimator: full`` it also computes ``f(s_t)`` at every visited state from
         the same logits (and ``ref_logits``, the reference's at the same states, when the
-        regulariser needs them), chunk by chunk over the sequence.
+        regulariser needs them), chunk by chunk over the sequence. Repeated rows are scored once
+        (:meth:`_repeats`).
         """
+        rows = self._repeats(sequences, attention_mask)
+        if rows is not None:
+            sequences, attention_mask = sequences[rows.index], attention_mask[rows.index]
+            ref_logits = ref_logits[rows.index] if ref_logits is not None else None
         with self.timer.phase("policy_forward"):
             logits = response_logits(
                 self.policy,
@@ -345,7 +352,36 @@ class RLTrainer:
                 values = self.critic(sequences, attention_mask, prompt_length)
         if entropy is None:
             entropy = torch.zeros_like(logp)
-        return PolicyForward(logp, entropy, values, state_penalty)
+        forward = PolicyForward(logp, entropy, values, state_penalty)
+        return forward if rows is None else forward.take(rows.inverse)
+
+    def _repeats(self, sequences: Tensor, attention_mask: Tensor) -> DistinctRows | None:
+        """The batch's distinct rows when some rows repeat and ``score_distinct_once`` is on;
+        None when every row is scored as it is."""
+        if not self.config.score_distinct_once:
+            return None
+        rows = distinct_rows(sequences, attention_mask)
+        return rows if rows.count < sequences.shape[0] else None
+
+    def _reference_scores(self, seq: Tensor, attn: Tensor, P: int) -> tuple[Tensor, Tensor | None]:
+        """The reference's log-probs of the response tokens, and with ``penalty_estimator:
+        full`` its logits at every visited state (which ``f`` needs); repeats scored once."""
+        rows = self._repeats(seq, attn)
+        if rows is not None:
+            seq, attn = seq[rows.index], attn[rows.index]
+        ref_logits = None
+        if self.full_penalty:
+            ref_logits = response_logits(
+                self.ref, seq, attn, P, self.allowed_token_ids, upcast=False
+            )
+            ref_logp = logprobs_from_logits(ref_logits, seq, attn, P)[0]
+        else:
+            ref_logp = token_logprobs(
+                self.ref, seq, attn, P, allowed_token_ids=self.allowed_token_ids
+            )[0]
+        if rows is None:
+            return ref_logp, ref_logits
+        return rows.take(ref_logp), rows.take(ref_logits) if ref_logits is not None else None
 
     def _score_with_rollout_policy(
         self,
@@ -404,15 +440,7 @@ class RLTrainer:
             ref_logp = ref_logits = None
             if self.ref is not None:
                 with self.timer.phase("reference"):
-                    if self.full_penalty:  # f needs the reference's whole next-token logits
-                        ref_logits = response_logits(
-                            self.ref, seq, attn, P, self.allowed_token_ids, upcast=False
-                        )
-                        ref_logp = logprobs_from_logits(ref_logits, seq, attn, P)[0]
-                    else:
-                        ref_logp = token_logprobs(
-                            self.ref, seq, attn, P, allowed_token_ids=self.allowed_token_ids
-                        )[0]
+                    ref_logp, ref_logits = self._reference_scores(seq, attn, P)
         old_logp, old_values, old_f, first_forward = self._score_with_rollout_policy(
             seq, attn, P, ref_logits
         )
@@ -564,6 +592,12 @@ class RLTrainer:
             "logp_mean": float((old_logp * mask).sum(-1).mean()),
             "entropy": stats["entropy"],
             "response_length": float(mask.sum(-1).mean()),
+            # share of the step's samples that are distinct (prompt, response) pairs: falls as
+            # the policy concentrates, and bounds the work scoring each of them once saves
+            "distinct_responses": distinct_rows(
+                experience.sequences, experience.attention_mask
+            ).count
+            / experience.sequences.shape[0],
             "clip_fraction": stats["clip_fraction"],
             "policy_loss": stats["policy_loss"],
             "lr": float(self.scheduler.get_last_lr()[0]),

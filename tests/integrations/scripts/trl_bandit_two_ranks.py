@@ -7,6 +7,7 @@ OUT_DIR/rank<i>.json with its TV to the closed form and its learned distribution
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -32,10 +33,14 @@ def main() -> None:
         "optimum": optimum.tolist(),
     }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
-    # end the process group before exit: left to interpreter exit, gloo's threads can abort a
-    # finished process ("terminate called without an active exception")
+    # end the process group, then leave without running C++ static destructors: at interpreter
+    # exit, threads that TRL's stack leaves running can still abort a finished process
+    # ("terminate called without an active exception", exit -6) after its result is written
     trainer.accelerator.wait_for_everyone()
     trainer.accelerator.end_training()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
