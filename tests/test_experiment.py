@@ -158,10 +158,12 @@ def test_two_seeds_end_to_end_in_parallel_then_resume(chat_model_dir, tmp_path):
             assert all(abs(sum(d) - 1) < 1e-6 for d in dist), method
             assert 0 <= row["exact"]["invalid_rate"] <= 1
             assert row["exact"]["pmd_valid_pairs"] >= 0
-        # the three RL runs trained with their own regulariser and β
+        # the three RL runs trained with their own regulariser and β, and kept their policy
+        # and settings but not their final checkpoint
         for method, beta in (("kl", 0.1), ("kl-strong", 0.5), ("cpm", 1.0)):
-            state = json.loads((folder / method / "checkpoint" / "trainer_state.json").read_text())
-            saved = state["config"]
+            kept = sorted(p.name for p in (folder / method).iterdir() if p.name != ".lock")
+            assert kept == ["config.yaml", "metrics.jsonl", "policy"]
+            saved = yaml.safe_load((folder / method / "config.yaml").read_text())
             assert (saved["regularizer"], saved["beta"]) == (method.split("-")[0], beta)
             assert saved["lr_schedule"] == config.rl_lr_schedule == "linear"
             assert {"mean_reward_valid", "mean_reward_invalid"} <= set(

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from pmrlhf import lora, models
@@ -75,6 +76,8 @@ def test_every_algorithm_and_regularizer_trains(tiny_model_dir, tmp_path, algo, 
         assert sum(row[f"time_{p}"] for p in phases) <= row["step_seconds"]
     assert (tmp_path / "policy" / "model.safetensors").is_file()
     assert (tmp_path / "checkpoint" / "trainer_state.json").is_file()
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert (saved["algo"], saved["regularizer"], saved["max_steps"]) == (algo, regularizer, 2)
 
 
 def test_several_ppo_epochs_and_minibatches_clip_the_ratio(tiny_model_dir, tmp_path):

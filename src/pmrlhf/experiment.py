@@ -16,6 +16,8 @@ with the same settings, after the same earlier stages):
    half of them also hold one of the SFT model's invalid samples from step 3, ranked last, so
    that the reward model scores text outside the world instead of extrapolating to it;
 5. rl-kl, rl-kl-strong, rl-cpm: RL from the SFT model with the same algorithm, budget and seed;
+   each run keeps its policy, metrics.jsonl and config.yaml, not its final checkpoint (a stage
+   cut short starts again, so the checkpoint would only take 2 GB of disk per run);
 6. eval: every policy on the held-out prompts — answer distributions (exact, by teacher forcing
    over the enumerable answers) against the reward model's softmax(r) and the hidden truth,
    minority mass, invalid rate, PMD with the paper's protocol, reward, KL to the reference and
@@ -35,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -148,7 +151,11 @@ class ExperimentConfig:
         choices=LR_SCHEDULES,
     )
     prompts_per_step: int = option(4, help="prompts per RL step")
-    samples_per_prompt: int = option(4, help="responses per prompt per RL step")
+    samples_per_prompt: int = option(
+        8,
+        help="responses per prompt per RL step (repeats are scored once, so a policy that "
+        "repeats itself pays for its distinct responses)",
+    )
     max_new_tokens: int = option(12, help="maximum response length")
     kl_beta: float = option(0.1, help="β of the kl run (the paper's value)")
     kl_strong_beta: float = option(0.5, help="β of the kl-strong run")
@@ -518,7 +525,7 @@ def _train_rl(
 ) -> str:
     from pmrlhf.data import load_prompts
     from pmrlhf.rl.config import RLConfig
-    from pmrlhf.rl.trainer import RLTrainer
+    from pmrlhf.rl.trainer import CHECKPOINT_DIR, RLTrainer
 
     run_spec = RL_RUNS[method]
     rl_config = RLConfig(
@@ -531,6 +538,10 @@ def _train_rl(
     )  # fmt: skip
     prompts = [r.prompt for r in load_prompts(files["prompts_train"])]
     RLTrainer(rl_config, reward_fn=reward_fn, prompts=prompts).train(print_summary=False)
+    # The stage's result is the policy. A stage cut short starts again from scratch, so the
+    # run's final checkpoint (the policy again with its AdamW state: 2 GB at 135M parameters)
+    # would never be read; three runs per seed would leave 6 GB each.
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     return str(out / "policy")
 
 

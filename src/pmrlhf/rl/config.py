@@ -176,7 +176,8 @@ class RLConfig(OptimConfig):
     )
     # output
     output_dir: str = option(
-        "runs/rl", help="folder for metrics.jsonl, checkpoints and the final policy"
+        "runs/rl",
+        help="folder for metrics.jsonl, checkpoints, the final policy and its config.yaml",
     )
     save_every: int = option(0, help="write a checkpoint every N steps (0 = only at the end)")
     tensorboard: bool = option(

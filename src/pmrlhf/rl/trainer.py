@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pmrlhf.config import to_dict
 from pmrlhf.optim import build_optimizer, build_scheduler, compute_dtype, mixed_precision
 from pmrlhf.regularizers import expected_penalties, make_regularizer
 from pmrlhf.rl.advantages import (
@@ -806,6 +807,10 @@ class RLTrainer:
             board.close()
         self.save_checkpoint()
         self.save_policy(out / "policy")
+        if main:  # the run's settings beside its policy, as sft and rm leave them
+            import yaml
+
+            (out / "config.yaml").write_text(yaml.safe_dump(to_dict(c), sort_keys=False))
         summary = _summary(history, watch.seconds(), out)
         if main and print_summary and not c.quiet:
             print(json.dumps(summary, indent=2))
