@@ -489,3 +489,13 @@ def test_scoring_each_distinct_response_once_changes_nothing_but_the_work(
     # distinct rows only; without deduplication on the whole batch and on its minibatches
     assert max(rows_once) < batch and all(r <= distinct for r in rows_once)
     assert set(rows_plain) == {batch, batch // settings.get("minibatches", 1)}
+
+
+def test_a_run_that_keeps_no_checkpoint_ends_with_its_policy_only(tiny_model_dir, tmp_path):
+    """keep_checkpoint false: no final checkpoint, and the one a save_every step wrote is gone."""
+    config = make_config(tiny_model_dir, tmp_path, save_every=1, keep_checkpoint=False)
+    RLTrainer(config, prompts=PROMPTS).train()
+    kept = sorted(p.name for p in tmp_path.iterdir() if p.name != ".lock")
+    assert kept == ["config.yaml", "metrics.jsonl", "policy"]
+    assert (tmp_path / "policy" / "model.safetensors").is_file()
+    assert [row["step"] for row in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2]

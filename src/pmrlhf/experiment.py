@@ -37,7 +37,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -525,7 +524,7 @@ def _train_rl(
 ) -> str:
     from pmrlhf.data import load_prompts
     from pmrlhf.rl.config import RLConfig
-    from pmrlhf.rl.trainer import CHECKPOINT_DIR, RLTrainer
+    from pmrlhf.rl.trainer import RLTrainer
 
     run_spec = RL_RUNS[method]
     rl_config = RLConfig(
@@ -535,13 +534,13 @@ def _train_rl(
         samples_per_prompt=config.samples_per_prompt, max_new_tokens=config.max_new_tokens,
         lr=config.rl_lr, critic_lr=config.rl_lr, lr_schedule=config.rl_lr_schedule, seed=seed,
         output_dir=str(out), overwrite=True, quiet=config.quiet, dtype="fp32",
+        # the stage's result is the policy, and a stage cut short starts again from scratch, so
+        # a final checkpoint (the policy again with its AdamW state: 2 GB at 135M parameters)
+        # would never be read
+        keep_checkpoint=False,
     )  # fmt: skip
     prompts = [r.prompt for r in load_prompts(files["prompts_train"])]
     RLTrainer(rl_config, reward_fn=reward_fn, prompts=prompts).train(print_summary=False)
-    # The stage's result is the policy. A stage cut short starts again from scratch, so the
-    # run's final checkpoint (the policy again with its AdamW state: 2 GB at 135M parameters)
-    # would never be read; three runs per seed would leave 6 GB each.
-    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     return str(out / "policy")
 
 

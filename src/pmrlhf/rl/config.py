@@ -180,6 +180,12 @@ class RLConfig(OptimConfig):
         help="folder for metrics.jsonl, checkpoints, the final policy and its config.yaml",
     )
     save_every: int = option(0, help="write a checkpoint every N steps (0 = only at the end)")
+    keep_checkpoint: bool = option(
+        True,
+        help="end the run with a checkpoint in output_dir/checkpoint/ (false: a finished run "
+        "keeps only its policy, metrics.jsonl and config.yaml, for runs that will not be "
+        "continued; save_every checkpoints still guard it while it trains)",
+    )
     tensorboard: bool = option(
         False, help="also log metrics to tensorboard in output_dir/tensorboard"
     )

@@ -60,3 +60,5 @@ class Experience:
     #: graph, whose detached outputs are ``old_logp``/``old_values``; ``update`` differentiates
     #: it instead of running the policy again. None otherwise.
     first_forward: PolicyForward | None = None
+    #: distinct (prompt, response) rows of ``sequences`` (:func:`pmrlhf.rl.rollout.distinct_rows`)
+    distinct_sequences: int = 0

@@ -239,21 +239,22 @@ class ModelReward:
         """One reward per completion; each distinct (prompt, completion) is scored once."""
         from pmrlhf.score import score_texts
 
-        pairs = list(zip(prompts, completions, strict=True))
-        distinct = list(dict.fromkeys(pairs))
-        position = {pair: i for i, pair in enumerate(distinct)}
+        # each pair's position among the distinct pairs, in order of first appearance
+        position: dict[tuple[str, str], int] = {}
+        rows = [position.setdefault(pair, len(position))
+                for pair in zip(prompts, completions, strict=True)]  # fmt: skip
         rewards = (
             score_texts(
                 self.model,
                 self.tokenizer,
-                [prompt for prompt, _ in distinct],
-                [completion for _, completion in distinct],
+                [prompt for prompt, _ in position],
+                [completion for _, completion in position],
                 batch_size=self.batch_size,
             )
             .float()
             .cpu()
         )
-        rewards = rewards[torch.tensor([position[pair] for pair in pairs], dtype=torch.long)]
+        rewards = rewards[torch.tensor(rows, dtype=torch.long)]
         return check_finite_rewards(rewards, self.name, completions)
 
 

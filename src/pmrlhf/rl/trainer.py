@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -74,7 +75,9 @@ RewardCallable = Callable[[list[str], list[str]], Sequence[float] | Tensor]
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "trainer_state.json"
 # Settings that may differ between a run and its resumption: none of them moves the trajectory.
-RESUMABLE_CHANGES = frozenset({"output_dir", "save_every", "tensorboard", "quiet", "overwrite"})
+RESUMABLE_CHANGES = frozenset(
+    {"output_dir", "save_every", "keep_checkpoint", "tensorboard", "quiet", "overwrite"}
+)
 
 
 class RLTrainer:
@@ -319,15 +322,16 @@ class RLTrainer:
         prompt_length: int,
         ref_logits: Tensor | None = None,
         with_entropy: bool = True,
+        distinct: DistinctRows | None = None,
     ) -> PolicyForward:
         """Policy log-probs and entropies (and critic values), with the autograd graph.
 
         With ``penalty_estimator: full`` it also computes ``f(s_t)`` at every visited state from
         the same logits (and ``ref_logits``, the reference's at the same states, when the
         regulariser needs them), chunk by chunk over the sequence. Repeated rows are scored once
-        (:meth:`_repeats`).
+        (:meth:`_repeats`; ``distinct``: the batch's distinct rows when already known).
         """
-        rows = self._repeats(sequences, attention_mask)
+        rows = self._repeats(sequences, attention_mask, distinct)
         if rows is not None:
             sequences, attention_mask = sequences[rows.index], attention_mask[rows.index]
             ref_logits = ref_logits[rows.index] if ref_logits is not None else None
@@ -356,18 +360,22 @@ class RLTrainer:
         forward = PolicyForward(logp, entropy, values, state_penalty)
         return forward if rows is None else forward.take(rows.inverse)
 
-    def _repeats(self, sequences: Tensor, attention_mask: Tensor) -> DistinctRows | None:
-        """The batch's distinct rows when some rows repeat and ``score_distinct_once`` is on;
-        None when every row is scored as it is."""
+    def _repeats(
+        self, sequences: Tensor, attention_mask: Tensor, distinct: DistinctRows | None = None
+    ) -> DistinctRows | None:
+        """The batch's distinct rows (``distinct`` when given, else found here) when some rows
+        repeat and ``score_distinct_once`` is on; None when every row is scored as it is."""
         if not self.config.score_distinct_once:
             return None
-        rows = distinct_rows(sequences, attention_mask)
+        rows = distinct if distinct is not None else distinct_rows(sequences, attention_mask)
         return rows if rows.count < sequences.shape[0] else None
 
-    def _reference_scores(self, seq: Tensor, attn: Tensor, P: int) -> tuple[Tensor, Tensor | None]:
+    def _reference_scores(
+        self, seq: Tensor, attn: Tensor, P: int, distinct: DistinctRows
+    ) -> tuple[Tensor, Tensor | None]:
         """The reference's log-probs of the response tokens, and with ``penalty_estimator:
         full`` its logits at every visited state (which ``f`` needs); repeats scored once."""
-        rows = self._repeats(seq, attn)
+        rows = self._repeats(seq, attn, distinct)
         if rows is not None:
             seq, attn = seq[rows.index], attn[rows.index]
         ref_logits = None
@@ -389,7 +397,8 @@ class RLTrainer:
         sequences: Tensor,
         attention_mask: Tensor,
         prompt_length: int,
-        ref_logits: Tensor | None = None,
+        ref_logits: Tensor | None,
+        distinct: DistinctRows,
     ) -> tuple[Tensor, Tensor | None, Tensor | None, PolicyForward | None]:
         """Old log-probs and values: the sampling policy's scores of its own samples.
 
@@ -404,15 +413,16 @@ class RLTrainer:
         under the sampling policy with ``penalty_estimator: full``, else None.
         """
         if self.one_pass:
-            forward = self._forward(sequences, attention_mask, prompt_length, ref_logits)
+            forward = self._forward(
+                sequences, attention_mask, prompt_length, ref_logits, distinct=distinct
+            )
             values = forward.values.detach() if forward.values is not None else None
             state_penalty = forward.state_penalty
             old_f = state_penalty.detach() if state_penalty is not None else None
             return forward.logp.detach(), values, old_f, forward
         with torch.no_grad():
-            forward = self._forward(
-                sequences, attention_mask, prompt_length, ref_logits, with_entropy=False
-            )
+            forward = self._forward(sequences, attention_mask, prompt_length, ref_logits,
+                                    with_entropy=False, distinct=distinct)  # fmt: skip
         return forward.logp, forward.values, forward.state_penalty, None
 
     def make_experience(self, prompts: list[str]) -> Experience:
@@ -429,6 +439,8 @@ class RLTrainer:
             rollout = self._rollout(prompts)
         seq, attn, P = rollout.sequences, rollout.attention_mask, rollout.prompt_length
         mask = rollout.response_mask.float()
+        # found once: the metrics count them, and the scoring below runs on them
+        distinct = distinct_rows(seq, attn)
         with torch.no_grad():
             with self.timer.phase("reward"):
                 raw_reward = self.reward_fn(rollout.prompts, rollout.responses)
@@ -441,9 +453,9 @@ class RLTrainer:
             ref_logp = ref_logits = None
             if self.ref is not None:
                 with self.timer.phase("reference"):
-                    ref_logp, ref_logits = self._reference_scores(seq, attn, P)
+                    ref_logp, ref_logits = self._reference_scores(seq, attn, P, distinct)
         old_logp, old_values, old_f, first_forward = self._score_with_rollout_policy(
-            seq, attn, P, ref_logits
+            seq, attn, P, ref_logits, distinct
         )
         with torch.no_grad():
             penalty = self.regularizer.penalty(old_logp, ref_logp, mask)
@@ -474,6 +486,7 @@ class RLTrainer:
             # kept only when a later minibatch forward has to recompute f with its graph
             ref_logits=ref_logits if first_forward is None else None,
             first_forward=first_forward,
+            distinct_sequences=distinct.count,
         )
 
     # ------------------------------------------------------------------ learning
@@ -595,10 +608,7 @@ class RLTrainer:
             "response_length": float(mask.sum(-1).mean()),
             # share of the step's samples that are distinct (prompt, response) pairs: falls as
             # the policy concentrates, and bounds the work scoring each of them once saves
-            "distinct_responses": distinct_rows(
-                experience.sequences, experience.attention_mask
-            ).count
-            / experience.sequences.shape[0],
+            "distinct_responses": experience.distinct_sequences / experience.sequences.shape[0],
             "clip_fraction": stats["clip_fraction"],
             "policy_loss": stats["policy_loss"],
             "lr": float(self.scheduler.get_last_lr()[0]),
@@ -805,8 +815,11 @@ class RLTrainer:
         logger.close()
         if board is not None:
             board.close()
-        self.save_checkpoint()
+        if c.keep_checkpoint:
+            self.save_checkpoint()
         self.save_policy(out / "policy")
+        if not c.keep_checkpoint and main:  # one a save_every step left behind
+            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
         if main:  # the run's settings beside its policy, as sft and rm leave them
             import yaml
 
