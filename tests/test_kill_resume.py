@@ -1,8 +1,8 @@
 """SIGKILL at random moments, then --resume: the run ends exactly where an uninterrupted one does.
 
 Each trial starts `pmrlhf rl` (PPO with a critic) or `pmrlhf sft` as a real process, kills it
-with SIGKILL after a random delay — mid-step, mid-save or mid-commit — and resumes it with
-`--resume` until it finishes. The final weights must equal those of a run that was never killed.
+with SIGKILL after a random number of logged steps and a random delay — mid-step, mid-save or
+mid-commit — and resumes it with `--resume` until it finishes. The final weights must equal those of a run that was never killed.
 """
 
 from __future__ import annotations
@@ -50,8 +50,29 @@ def _finished(out: Path, final: str) -> bool:
     return (out / final / "model.safetensors").is_file()
 
 
+def _steps_logged(out: Path) -> int:
+    metrics = out / "metrics.jsonl"
+    return len(metrics.read_bytes().splitlines()) if metrics.is_file() else 0
+
+
+def _kill_after_progress(process: subprocess.Popen, out: Path, rng: random.Random) -> bool:
+    """SIGKILL once the run has logged 1–4 more steps, plus up to 0.2 s (mid-step, mid-save or
+    mid-commit). Waiting for progress rather than for a fixed delay makes the kill land inside
+    the run however fast this machine is. Returns whether the process was killed."""
+    target = _steps_logged(out) + rng.randint(1, 4)
+    while process.poll() is None and _steps_logged(out) < target:
+        time.sleep(0.005)
+    try:
+        process.wait(timeout=rng.uniform(0.0, 0.2))
+        return False
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        return True
+
+
 def _run_with_kills(args: list[str], out: Path, final: str, rng: random.Random) -> int:
-    """Run to the end, killing the first attempts after random delays; returns the kills."""
+    """Run to the end, killing the first attempts partway; returns the kills."""
     kills = 0
     resume: list[str] = []
     for attempt in range(20):
@@ -59,13 +80,7 @@ def _run_with_kills(args: list[str], out: Path, final: str, rng: random.Random) 
             _command(args + resume), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         if attempt < 2:
-            delay = rng.uniform(2.5, 8.0)
-            try:
-                process.wait(timeout=delay)
-            except subprocess.TimeoutExpired:
-                process.send_signal(signal.SIGKILL)
-                process.wait()
-                kills += 1
+            kills += _kill_after_progress(process, out, rng)
         else:
             process.wait()
         if process.returncode == 0 and _finished(out, final):
