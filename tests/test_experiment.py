@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,6 +17,7 @@ import yaml
 from pmrlhf.experiment import (
     TARGETS,
     ExperimentConfig,
+    _seed_failure,
     _Stages,
     cached_base_model,
     chat_world,
@@ -253,3 +258,75 @@ def test_cli_help_lists_every_option():
     for flag in ("--seeds", "--cpm-alpha", "--kl-strong-beta", "--rl-steps", "--rl-lr-schedule",
                  "--system-prompt"):  # fmt: skip
         assert flag in result.stdout
+
+
+def _children(pid: int) -> list[int]:
+    """The pids of a process's children (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _ended(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")  # a zombie has ended; only its exit status waits to be read
+
+
+def _is_seed_process(pid: int) -> bool:
+    """A process that multiprocessing spawned to run a function (not its resource tracker)."""
+    try:
+        return b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() and not _ended(pid)
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.multiprocess
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads children from Linux /proc")
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_stopping_the_experiment_stops_its_seed_processes(stop, chat_model_dir, tmp_path):
+    """`kill` (SIGTERM) or SIGKILL of `pmrlhf experiment` ends every seed process with it, so
+    that none goes on training and writing into the run's folders."""
+    out = tmp_path / "exp"
+    config = {"out": str(out), "base": str(chat_model_dir), "system_prompt": SYSTEM,
+              "seeds": [3, 4], "parallel": 2, "n_sft": 64, "n_rankings": 64, "sft_steps": 100000,
+              "quiet": True}  # fmt: skip
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "pmrlhf", "experiment", "--config", str(tmp_path / "config.yaml")],
+        env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        # both seeds are inside the (endless) SFT stage
+        deadline = time.monotonic() + 300
+        while not all((out / f"seed-{s}" / "sft").is_dir() for s in (3, 4)):
+            assert parent.poll() is None, parent.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "the seeds did not reach their SFT stage"
+            time.sleep(0.2)
+        workers = [c for c in _children(parent.pid) if _is_seed_process(c)]
+        seed_logs = [out / f"seed-{s}" / "log.txt" for s in (3, 4)]
+        assert len(workers) == 2, workers
+        parent.send_signal(stop)
+        parent.wait(timeout=60)
+        if stop == signal.SIGTERM:  # the experiment stopped its seeds before it ended
+            assert parent.returncode != 0
+            assert all(_ended(w) for w in workers)
+        deadline = time.monotonic() + 60
+        while not all(_ended(w) for w in workers):
+            assert time.monotonic() < deadline, f"still running: {workers}"
+            time.sleep(0.2)
+        if stop == signal.SIGKILL:  # each seed noticed it had lost its parent, and said so
+            assert all("has ended; stopping" in log.read_text() for log in seed_logs)
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def test_a_failed_seed_is_reported_with_how_it_ended():
+    folder = Path("runs/exp/seed-3")
+    assert _seed_failure(-9, folder) == "seed-3 (killed by SIGKILL; log: runs/exp/seed-3/log.txt)"
+    assert _seed_failure(1, folder) == "seed-3 (exit code 1; log: runs/exp/seed-3/log.txt)"

@@ -37,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -802,7 +803,12 @@ def _write_seed_report(config, out: Path, metrics: dict[str, Any], questions) ->
 
 
 # --------------------------------------------------------------------------- several seeds
-def _seed_worker(config_dict: dict[str, Any], seed: int, base: str, out: str) -> None:
+def _seed_worker(
+    config_dict: dict[str, Any], seed: int, base: str, out: str, parent_pid: int
+) -> None:
+    from pmrlhf.runtime import exit_with_parent
+
+    exit_with_parent(parent_pid)
     log = open(Path(out) / "log.txt", "a", buffering=1)  # noqa: SIM115 - lives as long as the process
     sys.stdout = sys.stderr = log
     config = ExperimentConfig(**{**config_dict, "quiet": False})
@@ -831,8 +837,24 @@ def _watch(processes, folders: list[Path], quiet: bool) -> None:
         bar.close()
 
 
+def _seed_failure(exitcode: int | None, folder: Path) -> str:
+    """Where a failed seed's log is, and how its process ended: a seed killed by a signal
+    leaves no traceback in its log, so the signal is the only clue (SIGKILL: often the
+    kernel's out-of-memory killer)."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            how = f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            how = f"killed by signal {-exitcode}"
+    else:
+        how = f"exit code {exitcode}"
+    return f"{folder.name} ({how}; log: {folder / 'log.txt'})"
+
+
 def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
     import multiprocessing
+
+    from pmrlhf.runtime import stop_workers_on_exit
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -847,17 +869,20 @@ def run_experiment(config: ExperimentConfig) -> dict[str, Any]:
     while pending:
         batch, pending = pending[:parallel], pending[parallel:]
         processes = [
-            context.Process(target=_seed_worker, args=(to_dict(config), s, base, str(f)))
+            context.Process(
+                target=_seed_worker, args=(to_dict(config), s, base, str(f), os.getpid())
+            )
             for s, f in batch
         ]
-        for p in processes:
-            p.start()
-        _watch(processes, [f for _, f in batch], config.quiet)
-        failed = [f for p, (_, f) in zip(processes, batch, strict=True) if p.exitcode != 0]
+        # a seed process stops when this one is stopped or killed: none goes on training unwatched
+        with stop_workers_on_exit(processes):
+            for p in processes:
+                p.start()
+            _watch(processes, [f for _, f in batch], config.quiet)
+        failed = [_seed_failure(p.exitcode, f) for p, (_, f) in zip(processes, batch, strict=True)
+                  if p.exitcode != 0]  # fmt: skip
         if failed:
-            raise RuntimeError(
-                "seed run(s) failed: " + ", ".join(str(f / "log.txt") for f in failed)
-            )
+            raise RuntimeError("seed run(s) failed: " + "; ".join(failed))
     per_seed = [json.loads((f / "metrics.json").read_text()) for f in folders]
     summary = _write_summary(config, out, per_seed, time.perf_counter() - start, base)
     return summary

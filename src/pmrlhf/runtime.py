@@ -1,5 +1,6 @@
 """Run-time plumbing shared by the training commands: seeds, dtypes, JSONL metrics, crash-safe
-checkpoint folders, output-folder guards and RNG state capture."""
+checkpoint folders, output-folder guards, RNG state capture and worker processes that end with
+the process that started them."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import math
 import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -527,3 +531,56 @@ class Stopwatch:
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start
+
+
+# --------------------------------------------------------------------------- worker processes
+def exit_with_parent(parent_pid: int, interval: float = 1.0) -> None:
+    """End this process soon after the process that started it (``parent_pid``) is gone.
+
+    A worker started with ``multiprocessing`` outlives a parent that is killed outright (SIGKILL
+    leaves the parent no chance to stop it): it would go on training for hours, writing into the
+    run's folders and holding their locks. A daemon thread polls the parent's pid instead (on
+    every platform; ``prctl(PR_SET_PDEATHSIG)`` is Linux-only) and ends the process with exit
+    code 1 once the worker has been handed to another parent."""
+
+    def orphaned() -> bool:
+        return os.getppid() != parent_pid
+
+    def watch() -> None:
+        while not orphaned():
+            time.sleep(interval)
+        print(f"the process that started this one (pid {parent_pid}) has ended; stopping",
+              file=sys.stderr, flush=True)  # fmt: skip
+        os._exit(1)
+
+    if orphaned():  # the parent ended before this process got here
+        os._exit(1)
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def stop_workers_on_exit(processes: Sequence[Any], grace: float = 10.0) -> Iterator[None]:
+    """Terminate ``processes`` (``multiprocessing.Process``) if the block ends early.
+
+    Inside the block SIGTERM raises ``SystemExit`` in this (main-thread) process, so that a
+    ``kill`` or a job scheduler's stop reaches the ``finally`` below as Ctrl-C does; every worker
+    still alive is then sent SIGTERM, and joined for up to ``grace`` seconds each. A block that
+    ends normally has seen its workers end, and this does nothing."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _exit_on_signal)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            if process.pid is not None:  # started
+                process.join(grace)
