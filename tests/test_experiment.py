@@ -54,7 +54,7 @@ def test_chat_world_renders_every_wording_with_the_chat_template(chat_model_dir)
     tokenizer = load_tokenizer(str(chat_model_dir))
     world, questions = chat_world("", tokenizer, SYSTEM)
     plain, _ = chat_world("", None, "")
-    assert len(world.train_prompts()) == len(plain.train_prompts()) == 18
+    assert len(world.train_prompts()) == len(plain.train_prompts()) == 36  # 6 families × 6
     assert len(world.eval_prompts()) == 6
     prompt = world.eval_prompts()[0]
     assert prompt == f"system : {SYSTEM} user : Which season is your favourite? assistant :"

@@ -125,20 +125,19 @@ class ExperimentConfig:
     sft_lr: float = option(5e-4, help="SFT learning rate (LoRA)")
     sft_batch_size: int = option(8, help="SFT examples per step")
     rm_steps: int = option(60, help="reward-model optimizer steps")
-    rm_lr: float = option(5e-4, help="reward-model peak learning rate (LoRA and value head)")
+    rm_lr: float = option(2e-3, help="reward-model peak learning rate (LoRA and value head)")
     rm_lr_schedule: str = option(
-        "constant",
+        "linear",
         help="reward-model learning-rate schedule (with --rm-group-by-prompt, a decaying one: a "
         "constant rate leaves the model tilted toward the prompts of its last steps)",
         choices=LR_SCHEDULES,
     )
-    rm_batch_size: int = option(8, help="rankings per reward-model step")
+    rm_batch_size: int = option(96, help="rankings per reward-model step")
     rm_group_by_prompt: bool = option(
-        False,
+        True,
         help="batch the rankings a prompt at a time (pmrlhf rm --group-by-prompt): the world "
         "has few prompts with many rankings each, so a step of many rankings costs about its "
-        "distinct responses (docs/results/smollm2.md, 'What was tried': 96 rankings a step, lr "
-        "2e-3 decaying linearly)",
+        "distinct responses (docs/results/smollm2.md, 'What was tried')",
     )
     # RL (full fine-tuning)
     rl_algo: str = option("rloo", help="RL algorithm of every run", choices=ADVANTAGE_ESTIMATORS)
@@ -164,7 +163,7 @@ class ExperimentConfig:
         0.0, help="cpm threshold α; 0: the value `pmrlhf alpha` recommends for the SFT model"
     )
     alpha_samples_per_prompt: int = option(
-        64, help="responses per training prompt that `pmrlhf alpha` samples from the SFT model"
+        32, help="responses per training prompt that `pmrlhf alpha` samples from the SFT model"
     )
     # evaluation
     eval_samples: int = option(
