@@ -2,7 +2,8 @@
 
 Each trial starts `pmrlhf rl` (PPO with a critic) or `pmrlhf sft` as a real process, kills it
 with SIGKILL after a random number of logged steps and a random delay — mid-step, mid-save or
-mid-commit — and resumes it with `--resume` until it finishes. The final weights must equal those of a run that was never killed.
+mid-commit — and resumes it with `--resume` until it finishes. The final weights must equal
+those of a run that was never killed.
 """
 
 from __future__ import annotations
